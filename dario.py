@@ -1,0 +1,3 @@
+import sys
+from dario_lib.cli import main
+sys.exit(main())

@@ -1,0 +1,100 @@
+"""The `/analytics` report: windows, breakdowns, utilization trend and burn rate.
+
+Built from a `RecordStore`'s snapshot (last hour) and its running totals (all time).
+Pure computation over copies: safe from any thread, never blocks request threads for
+longer than the copy takes.
+"""
+
+import time
+
+from . import billing
+from .records import add_to_totals, new_totals
+
+HOUR_MS = 3_600_000
+TREND_STEP_MS = 300_000
+
+
+def _window(totals):
+    requests = totals["requests"]
+    buckets = totals["buckets"]
+    claimed = requests - buckets.get(billing.UNKNOWN, 0)
+    subscription = buckets.get(billing.SUBSCRIPTION, 0) + buckets.get(billing.SUBSCRIPTION_FALLBACK, 0)
+    return {
+        "requests": requests,
+        "inputTokens": totals["inputTokens"],
+        "outputTokens": totals["outputTokens"],
+        "cacheReadTokens": totals["cacheReadTokens"],
+        "cacheCreateTokens": totals["cacheCreateTokens"],
+        "estimatedCostUsd": round(totals["costUsd"], 4),
+        "avgLatencyMs": round(totals["latencyMsSum"] / requests, 1) if requests else None,
+        "errorRate": round(totals["errors"] / requests, 4) if requests else 0.0,
+        "claimBreakdown": dict(totals["claims"]),
+        "billingBucketBreakdown": dict(buckets),
+        "subscriptionPercent": round(100.0 * subscription / claimed, 1) if claimed else None,
+    }
+
+
+def _keyed(table):
+    return {key: {"requests": t["requests"], "inputTokens": t["inputTokens"],
+                  "outputTokens": t["outputTokens"], "cacheReadTokens": t["cacheReadTokens"],
+                  "cacheCreateTokens": t["cacheCreateTokens"],
+                  "estimatedCostUsd": round(t["costUsd"], 4)}
+            for key, t in table.items()}
+
+
+def _trend(recent, now_ms):
+    """Twelve 5-minute buckets over the last hour, oldest first."""
+    start = now_ms - HOUR_MS
+    slots = [{"start": start + i * TREND_STEP_MS, "requests": 0, "util5h": None,
+              "util7d": None, "overageUtil": None} for i in range(HOUR_MS // TREND_STEP_MS)]
+    for record in recent:
+        index = min(int((record["timestamp"] - start) // TREND_STEP_MS), len(slots) - 1)
+        if index < 0:
+            continue
+        slot = slots[index]
+        slot["requests"] += 1
+        for key in ("util5h", "util7d", "overageUtil"):
+            if record.get(key) is not None:
+                slot[key] = record[key]        # records are in time order: keep the latest
+    return slots
+
+
+def _burn_rate(recent, now_ms):
+    """Token and cost rate over the last 15 minutes, and when util5h would hit 100%."""
+    since = now_ms - 900_000
+    window = [r for r in recent if r["timestamp"] >= since]
+    tokens = sum((r.get("inputTokens") or 0) + (r.get("outputTokens") or 0) for r in window)
+    cost = sum(r.get("costUsd") or 0.0 for r in window)
+    samples = [(r["timestamp"], r["util5h"]) for r in recent if r.get("util5h") is not None]
+    minutes_to_full = None
+    if len(samples) >= 2 and samples[-1][0] > samples[0][0]:
+        n = len(samples)
+        mean_t = sum(t for t, _ in samples) / n
+        mean_u = sum(u for _, u in samples) / n
+        var = sum((t - mean_t) ** 2 for t, _ in samples)
+        slope = sum((t - mean_t) * (u - mean_u) for t, u in samples) / var if var else 0.0
+        latest = samples[-1][1]
+        if slope > 0 and latest < 1.0:
+            minutes_to_full = round((1.0 - latest) / slope / 60_000, 1)
+    return {"tokensPerMinute": round(tokens / 15, 1), "costPerHourUsd": round(cost * 4, 4),
+            "util5hFullInMinutes": minutes_to_full}
+
+
+def report(store, clock=time.time):
+    now_ms = int(clock() * 1000)
+    recent = [r for r in store.snapshot() if r["timestamp"] >= now_ms - HOUR_MS]
+    hour = new_totals()
+    for record in recent:
+        add_to_totals(hour, record)
+    all_time, per_model, per_account = store.totals_copy()
+    latest = next((r for r in reversed(recent) if r.get("util5h") is not None), None)
+    return {
+        "generatedAt": now_ms,
+        "lastHour": _window(hour),
+        "allTime": _window(all_time),
+        "perModel": _keyed(per_model),
+        "perAccount": _keyed(per_account),
+        "utilization": {key: (latest or {}).get(key) for key in ("util5h", "util7d", "overageUtil")},
+        "utilizationTrend": _trend(recent, now_ms),
+        "burnRate": _burn_rate(recent, now_ms),
+    }

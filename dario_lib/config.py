@@ -1,0 +1,477 @@
+"""Settings: the config file, the environment and flags, resolved into one frozen object.
+
+Every setting is described once in `SCHEMA`; the file sanitizer, `config get/set`, the
+TUI's config tab and the flag/env parsers all validate through it. Precedence per
+setting is flag > environment > config file > default. The file lives at
+`$DARIO_HOME/config.json` (`~/.dario` by default) and is always written atomically
+with unknown keys preserved.
+
+Loading never raises for a bad file (defaults apply and a warning says why); a bad flag
+or environment value raises `ConfigError`, which the CLI turns into exit status 2.
+"""
+
+import ipaddress
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from urllib.parse import urlsplit
+
+DEFAULT_UPSTREAM = "https://api.anthropic.com"
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+class ConfigError(ValueError):
+    """A value that is not allowed for a setting; the message names both."""
+
+
+# -- value kinds --------------------------------------------------------------------
+# Each kind checks a value already of the right JSON type (`check`) and parses one from
+# text (`parse`, for flags, env and `config set`). Both raise ValueError with the
+# allowed values, which callers wrap with the setting's name.
+
+class Int:
+    def __init__(self, lo, hi):
+        self.lo, self.hi = lo, hi
+        self.allowed = f"an integer from {lo} to {hi}"
+
+    def check(self, value):
+        if isinstance(value, bool) or not isinstance(value, int) or not self.lo <= value <= self.hi:
+            raise ValueError(self.allowed)
+        return value
+
+    def parse(self, text):
+        if not re.fullmatch(r"\s*-?\d+\s*", text):
+            raise ValueError(self.allowed)
+        return self.check(int(text))
+
+
+class Number(Int):
+    def __init__(self, lo, hi):
+        super().__init__(lo, hi)
+        self.allowed = f"a number from {lo} to {hi}"
+
+    def check(self, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not self.lo <= value <= self.hi:
+            raise ValueError(self.allowed)
+        return value
+
+    def parse(self, text):
+        try:
+            return self.check(float(text))
+        except ValueError:
+            raise ValueError(self.allowed) from None
+
+
+class Bool:
+    allowed = "true/false, on/off, yes/no or 1/0"
+    TRUE = frozenset({"1", "true", "on", "yes"})
+    FALSE = frozenset({"0", "false", "off", "no"})
+
+    def check(self, value):
+        if not isinstance(value, bool):
+            raise ValueError(self.allowed)
+        return value
+
+    def parse(self, text):
+        lowered = text.strip().lower()
+        if lowered in self.TRUE:
+            return True
+        if lowered in self.FALSE:
+            return False
+        raise ValueError(self.allowed)
+
+
+class Enum:
+    def __init__(self, *choices):
+        self.choices = choices
+        self.allowed = " or ".join(choices)
+
+    def check(self, value):
+        if value not in self.choices:
+            raise ValueError(self.allowed)
+        return value
+
+    def parse(self, text):
+        return self.check(text.strip())
+
+
+class Text:
+    """A non-empty string; `nullable` also accepts JSON null (and "" from text)."""
+
+    def __init__(self, nullable=False, pattern=None, allowed="a non-empty string"):
+        self.nullable, self.pattern, self.allowed = nullable, pattern, allowed
+
+    def check(self, value):
+        if value is None and self.nullable:
+            return None
+        if not isinstance(value, str) or not value or "\x00" in value:
+            raise ValueError(self.allowed)
+        if self.pattern and not re.fullmatch(self.pattern, value):
+            raise ValueError(self.allowed)
+        return value
+
+    def parse(self, text):
+        if text == "" and self.nullable:
+            return None
+        return self.check(text)
+
+
+class Host(Text):
+    def __init__(self):
+        super().__init__(allowed="an IP address or host name")
+
+    def check(self, value):
+        value = super().check(value)
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", value):
+                raise ValueError(self.allowed) from None
+        return value
+
+
+class Url(Text):
+    allowed_text = "an https:// URL (http:// only for a loopback host), without query or credentials"
+
+    def __init__(self):
+        super().__init__(allowed=self.allowed_text)
+
+    def check(self, value):
+        value = super().check(value)
+        try:
+            parts = urlsplit(value)
+            hostname, _port = parts.hostname, parts.port
+        except ValueError:
+            raise ValueError(self.allowed) from None
+        if (parts.scheme not in ("http", "https") or not hostname or parts.query
+                or parts.fragment or parts.username or parts.password):
+            raise ValueError(self.allowed)
+        if parts.scheme == "http" and not is_loopback(hostname):
+            raise ValueError(self.allowed)
+        return value.rstrip("/")
+
+
+class TextList:
+    def __init__(self, lower=False):
+        self.lower = lower
+        self.allowed = "a list of non-empty strings"
+
+    def check(self, value):
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ValueError(self.allowed)
+        return tuple(v.lower() for v in value) if self.lower else tuple(value)
+
+    def parse(self, text):
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = [part.strip() for part in text.split(",") if part.strip()]
+        return self.check(value)
+
+
+class HashMap:
+    allowed = 'an object mapping each alias to the sha256 hex of its credential'
+
+    def check(self, value):
+        if not isinstance(value, dict) or not all(
+                isinstance(k, str) and k and isinstance(v, str) and re.fullmatch(r"[0-9a-fA-F]{64}", v)
+                for k, v in value.items()):
+            raise ValueError(self.allowed)
+        return MappingProxyType({k: v.lower() for k, v in value.items()})
+
+    def parse(self, text):
+        try:
+            return self.check(json.loads(text))
+        except ValueError:
+            raise ValueError(self.allowed) from None
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str            # dotted path in config.json
+    kind: object
+    default: object
+    doc: str
+    env: str = None
+    flag: str = None
+
+
+SCHEMA = (
+    Key("port", Int(0, 65535), 3456, "TCP port to listen on (0 picks a free one)",
+        env="DARIO_PORT", flag="--port"),
+    Key("host", Host(), "127.0.0.1", "address to bind; non-loopback needs DARIO_API_KEY",
+        env="DARIO_HOST", flag="--host"),
+    Key("upstream.url", Url(), DEFAULT_UPSTREAM, "upstream API base URL",
+        env="DARIO_UPSTREAM", flag="--upstream"),
+    Key("logFile", Text(nullable=True), None, "append one JSON line per record to this file",
+        env="DARIO_LOG_FILE", flag="--log-file"),
+    Key("overageGuard.enabled", Bool(), True, "halt/warn on non-subscription billing",
+        env="DARIO_OVERAGE_GUARD", flag="--overage-guard"),
+    Key("overageGuard.behavior", Enum("halt", "warn"), "halt", "halt: answer 503 until resumed; warn: only tell",
+        env="DARIO_OVERAGE_BEHAVIOR", flag="--overage-behavior"),
+    Key("overageGuard.cooldownMs", Int(0, 30 * 86_400_000), 1_800_000,
+        "automatic resume after this many ms (0: manual resume only)",
+        env="DARIO_OVERAGE_COOLDOWN", flag="--overage-cooldown"),
+    Key("overageGuard.notifyOs", Bool(), True, "desktop notification on halt and warn",
+        env="DARIO_OVERAGE_NOTIFY", flag="--overage-notify"),
+    Key("overageGuard.subscriptionClaims", TextList(), (), "extra claims to treat as subscription"),
+    Key("maxBodyBytes", Int(1024, 1 << 30), 32 * 1024 * 1024, "largest request body accepted"),
+    Key("readTimeoutS", Number(1, 3600), 600, "seconds without a byte from upstream before 504"),
+    Key("maxRecords", Int(10, 1_000_000), 10_000, "records kept in memory"),
+    Key("allowedHosts", TextList(lower=True), (), "extra Host names accepted while bound to loopback"),
+    Key("allowedOrigins", TextList(), (), "browser origins allowed to call the gateway"),
+    Key("accounts", HashMap(), MappingProxyType({}), "alias -> sha256 hex of a credential"),
+)
+SCHEMA_BY_NAME = {key.name: key for key in SCHEMA}
+
+# Not in the file: verbosity comes only from a flag or the environment.
+VERBOSE = Key("verbose", Bool(), False, "debug logging", env="DARIO_VERBOSE", flag="--verbose")
+
+
+def is_loopback(host):
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def dario_home(env=os.environ):
+    return env.get("DARIO_HOME") or os.path.join(os.path.expanduser("~"), ".dario")
+
+
+def config_path(env=os.environ):
+    return os.path.join(dario_home(env), "config.json")
+
+
+# -- the file -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FileConfig:
+    path: str
+    source: str                  # "file", "missing" or "invalid"
+    raw: dict                    # the parsed JSON object as found (unknown keys kept)
+    values: dict                 # dotted name -> validated value, for keys that passed
+    warnings: tuple = ()
+
+
+def _lookup(raw, name):
+    node = raw
+    for part in name.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def sanitize(raw):
+    """Validate a parsed config object: (values by dotted name, warnings for dropped keys)."""
+    values, warnings = {}, []
+    for key in SCHEMA:
+        present, value = _lookup(raw, key.name)
+        if not present:
+            continue
+        try:
+            values[key.name] = key.kind.check(value)
+        except ValueError as err:
+            warnings.append(f"config {key.name}: {json.dumps(value)[:80]} is not allowed "
+                            f"(expected {err}); using the default {json.dumps(_plain(key.default))}")
+    return values, warnings
+
+
+def load_file(path):
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        return FileConfig(path, "missing", {}, {})
+    except (OSError, UnicodeDecodeError) as err:
+        return FileConfig(path, "invalid", {}, {},
+                          (f"cannot read config file {path}: {err}; using defaults",))
+    try:
+        raw = json.loads(text)
+    except ValueError as err:
+        return FileConfig(path, "invalid", {}, {},
+                          (f"config file {path} is not valid JSON ({err}); using defaults",))
+    if not isinstance(raw, dict):
+        return FileConfig(path, "invalid", {}, {},
+                          (f"config file {path} must hold a JSON object; using defaults",))
+    values, warnings = sanitize(raw)
+    return FileConfig(path, "file", raw, values, tuple(warnings))
+
+
+def _plain(value):
+    """A schema value as JSON-ready data (tuples and mapping proxies back to list/dict)."""
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, MappingProxyType):
+        return dict(value)
+    return value
+
+
+def parse_value(name, text):
+    """Parse text for a config key, as `config set` does; raises ConfigError."""
+    key = SCHEMA_BY_NAME.get(name)
+    if key is None:
+        raise ConfigError(f"unknown config key {name!r}; keys: {', '.join(SCHEMA_BY_NAME)}")
+    try:
+        return key.kind.parse(text)
+    except ValueError as err:
+        raise ConfigError(f"invalid value {text!r} for {name} (allowed: {err})") from None
+
+
+def with_value(raw, name, value):
+    """A copy of the raw config object with one dotted key set (None deletes it)."""
+    out = json.loads(json.dumps(raw))
+    node = out
+    *parents, leaf = name.split(".")
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    if value is None:
+        node.pop(leaf, None)
+    else:
+        node[leaf] = _plain(value)
+    return out
+
+
+def save_file(path, raw):
+    """Write the config atomically: folder 0700, file 0600, temp file then os.replace."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(raw, fh, indent=2, sort_keys=False)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+# -- resolution ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GuardConfig:
+    enabled: bool = True
+    behavior: str = "halt"
+    cooldown_ms: int = 1_800_000
+    notify_os: bool = True
+    subscription_claims: frozenset = frozenset()
+
+    def public(self):
+        return {"enabled": self.enabled, "behavior": self.behavior,
+                "cooldownMs": self.cooldown_ms, "notifyOs": self.notify_os}
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: str
+    config_path: str
+    config_source: str = "missing"
+    port: int = 3456
+    host: str = "127.0.0.1"
+    upstream: str = DEFAULT_UPSTREAM
+    log_file: str = None
+    verbose: bool = False
+    max_body_bytes: int = 32 * 1024 * 1024
+    read_timeout_s: float = 600
+    max_records: int = 10_000
+    allowed_hosts: tuple = ()
+    allowed_origins: tuple = ()
+    accounts: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
+    guard: GuardConfig = GuardConfig()
+    unsafe_no_auth: bool = False
+    # Secrets come from the environment only and are kept out of repr().
+    api_key: str = field(default=None, repr=False)
+    upstream_api_key: str = field(default=None, repr=False)
+    sources: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))  # setting -> flag/env/file/default
+    warnings: tuple = ()
+
+    @property
+    def bound_to_loopback(self):
+        return is_loopback(self.host)
+
+
+_FIELD_OF = {
+    "port": "port", "host": "host", "upstream.url": "upstream", "logFile": "log_file",
+    "maxBodyBytes": "max_body_bytes", "readTimeoutS": "read_timeout_s",
+    "maxRecords": "max_records", "allowedHosts": "allowed_hosts",
+    "allowedOrigins": "allowed_origins", "accounts": "accounts",
+}
+_GUARD_FIELD_OF = {
+    "overageGuard.enabled": "enabled", "overageGuard.behavior": "behavior",
+    "overageGuard.cooldownMs": "cooldown_ms", "overageGuard.notifyOs": "notify_os",
+    "overageGuard.subscriptionClaims": "subscription_claims",
+}
+
+
+def _pick(key, flags, env, file_values):
+    """(value, source) for one setting; flag and env text is validated here."""
+    if key.name in flags:
+        value = flags[key.name]
+        if isinstance(value, str):
+            try:
+                value = key.kind.parse(value)
+            except ValueError as err:
+                raise ConfigError(f"invalid value {value!r} for {key.flag} (allowed: {err})") from None
+        return value, "flag"
+    if key.env and env.get(key.env, "") != "":
+        text = env[key.env]
+        try:
+            return key.kind.parse(text), "env"
+        except ValueError as err:
+            raise ConfigError(f"invalid value {text!r} for {key.env} (allowed: {err})") from None
+    if key.name in file_values:
+        return file_values[key.name], "file"
+    return key.default, "default"
+
+
+def resolve(flags=None, env=os.environ, file_config=None):
+    """Build Settings from flags (dotted name -> text or typed value), env and the file."""
+    flags = flags or {}
+    home = dario_home(env)
+    if file_config is None:
+        file_config = load_file(os.path.join(home, "config.json"))
+    chosen, sources, guard = {}, {}, {}
+    for key in SCHEMA + (VERBOSE,):
+        value, source = _pick(key, flags, env, file_config.values)
+        sources[key.name] = source
+        if key.name in _GUARD_FIELD_OF:
+            guard[_GUARD_FIELD_OF[key.name]] = value
+        elif key.name == "verbose":
+            chosen["verbose"] = value
+        else:
+            chosen[_FIELD_OF[key.name]] = value
+    guard["subscription_claims"] = frozenset(guard["subscription_claims"])
+    return Settings(
+        home=home,
+        config_path=file_config.path,
+        config_source=file_config.source,
+        guard=GuardConfig(**guard),
+        unsafe_no_auth=bool(flags.get("unsafeNoAuth", False)),
+        api_key=env.get("DARIO_API_KEY") or None,
+        upstream_api_key=env.get("DARIO_UPSTREAM_API_KEY") or None,
+        sources=MappingProxyType(sources),
+        warnings=file_config.warnings,
+        **chosen,
+    )
+
+
+def current_value(file_config, name):
+    """The value a key has in the file, or its default: what `config get` shows."""
+    key = SCHEMA_BY_NAME[name]
+    return _plain(file_config.values.get(name, key.default))

@@ -1,0 +1,308 @@
+"""The request handler: checks, the route table, and the gateway's own endpoints.
+
+Every request goes through the same gate, in this order: request-target form, Host
+(DNS rebinding), browser origin, API key; then the route table. The gateway's own
+endpoints (`/health`, `/status`, `/analytics`, `/analytics/stream`, `/admin/resume`)
+are answered here; the forwarded API routes go to `relay.Exchange`.
+
+Anything the gateway answers itself is an Anthropic-shaped JSON error, decided before
+the first byte is written. When it answers before reading a request's whole body, the
+connection is closed, so unread body bytes can never be parsed as a next request.
+Client disconnects are debug lines, never tracebacks.
+
+One instance per connection, on that connection's thread (ThreadingHTTPServer).
+"""
+
+import json
+import logging
+import re
+import time
+from http.server import BaseHTTPRequestHandler
+
+from . import __version__, analytics, exposure, wire
+from .events import Subscription, TooManySubscribers
+from .guard import iso
+from .relay import Exchange
+
+log = logging.getLogger(__name__)
+
+HEAD_DEADLINE_S = 75          # idle keep-alive wait plus request line and headers
+BODY_DEADLINE_S = 60          # plus one second per 256 KiB declared
+SOCKET_TIMEOUT_S = 60         # any single read or write on the client socket
+SSE_WRITE_TIMEOUT_S = 10
+ADMIN_BODY_LIMIT = 65536
+
+FORWARDED = {
+    "/v1/messages": "POST",
+    "/v1/messages/count_tokens": "POST",
+    "/v1/complete": "POST",
+    "/v1/chat/completions": "POST",
+    "/v1/models": "GET",
+}
+_MODEL_PATH = re.compile(r"/v1/models/[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
+LOCAL = {
+    ("GET", "/health"): "health",
+    ("GET", "/status"): "status",
+    ("GET", "/analytics"): "analytics",
+    ("GET", "/analytics/stream"): "analytics_stream",
+    ("GET", "/admin/resume"): "resume_state",
+    ("POST", "/admin/resume"): "resume",
+}
+LOCAL_PATHS = {path for _, path in LOCAL}
+
+
+def forwarded_method(path):
+    """The method a forwarded route takes, or None when the path is not forwarded."""
+    method = FORWARDED.get(path)
+    if method is None and _MODEL_PATH.fullmatch(path):
+        method = "GET"
+    return method
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True     # headers and body are separate writes: no 40 ms ACK wait
+    server_version = "dario/" + __version__
+    sys_version = ""
+    timeout = SOCKET_TIMEOUT_S
+
+    # -- the connection loop -----------------------------------------------------
+
+    def handle_one_request(self):
+        self.body_pending = False
+        self.responded = False
+        self.forward_path = None
+        watchdog = self.server.watchdog
+        token = watchdog.arm(self.connection, HEAD_DEADLINE_S)
+        try:
+            self.raw_requestline = self.rfile.readline(65537)
+            if not self.raw_requestline:
+                self.close_connection = True
+                return
+            if len(self.raw_requestline) > 65536:
+                self.requestline, self.request_version, self.command = "", "HTTP/1.1", ""
+                self.send_error(414, "request line too long")
+                return
+            if not self.parse_request():
+                return
+        except OSError as err:
+            log.debug("connection dropped before a request arrived: %s", err)
+            self.close_connection = True
+            return
+        finally:
+            watchdog.disarm(token)
+        self.started = time.monotonic()
+        self.started_ms = int(self.server.clock() * 1000)
+        try:
+            self.dispatch()
+        except OSError as err:
+            log.debug("client connection lost during %s %s: %s", self.command, self.path, err)
+            self.close_connection = True
+        except Exception:
+            log.exception("internal error while serving %s %s", self.command, self.path)
+            self.close_connection = True
+            if not self.responded:
+                try:
+                    self.send_json(500, _error("api_error", "internal error in dario; see its log"))
+                except OSError:
+                    pass
+
+    def dispatch(self):
+        method, target = self.command, self.path
+        path, _, query = target.partition("?")
+        if target.startswith("/") and forwarded_method(path):
+            self.forward_path = path
+        settings = self.server.settings
+        self.body_pending = True        # until the framing says there is no body
+        try:
+            framing = wire.body_framing(self.headers, settings.max_body_bytes)
+            self.body_pending = framing[0] != "none"
+            if not target.startswith("/"):
+                raise wire.HttpError(400, "the request target must be a path starting with /")
+            exposure.check_host(settings, self.headers)
+            public = method == "GET" and path == "/health"
+            if not public:
+                exposure.check_browser(settings, self.headers)
+            if method == "OPTIONS":
+                self.preflight()
+                return
+            if not public:
+                exposure.check_key(settings, self.headers)
+            if self.server.draining and not public:
+                raise wire.HttpError(503, "dario is shutting down")
+            name = LOCAL.get((method, path))
+            if name is not None:
+                getattr(self, "do_" + name)()
+                return
+            expected = forwarded_method(path)
+            if expected is None:
+                if path in LOCAL_PATHS:
+                    raise wire.HttpError(405, f"{method} is not allowed on {path}")
+                raise wire.HttpError(404, f"no such endpoint: {path}")
+            if method != expected:
+                raise wire.HttpError(405, f"{method} is not allowed on {path}; use {expected}")
+            body = self.read_body(framing)
+            with self.server.tracker:
+                Exchange(self, path, query, body).run()
+        except wire.HttpError as err:
+            self.answer_error(err)
+
+    # -- reading -----------------------------------------------------------------
+
+    def read_body(self, framing, limit=None):
+        kind, length = framing
+        limit = limit or self.server.settings.max_body_bytes
+        if kind == "length" and length > limit:
+            raise wire.HttpError(413, f"request body over the {limit}-byte limit")
+        deadline = BODY_DEADLINE_S + (length if kind == "length" else limit) / 262144
+        token = self.server.watchdog.arm(self.connection, deadline)
+        try:
+            body = wire.BodyReader(self.rfile, limit).read(kind, length)
+        except OSError:
+            raise wire.HttpError(408, "the request body did not arrive in time") from None
+        finally:
+            self.server.watchdog.disarm(token)
+        self.body_pending = False
+        return body
+
+    # -- writing -----------------------------------------------------------------
+
+    def cors_headers(self):
+        origin = exposure.allowed_origin(self.server.settings, self.headers)
+        return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")] if origin else []
+
+    def send_bytes(self, status, body, content_type="application/json", headers=None):
+        if self.body_pending or self.server.draining:
+            self.close_connection = True
+        lines = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
+        lines += list((headers or {}).items()) + self.cors_headers()
+        if self.close_connection:
+            lines.append(("Connection", "close"))
+        reason = self.responses.get(status, ("",))[0]
+        head = f"HTTP/1.1 {status} {reason}\r\n" + "".join(f"{n}: {v}\r\n" for n, v in lines) + "\r\n"
+        self.responded = True
+        self.wfile.write(head.encode("latin-1") + body)
+        self.log_request(status)
+
+    def send_json(self, status, obj, headers=None):
+        self.send_bytes(status, json.dumps(obj).encode(), headers=headers)
+
+    def answer_error(self, err):
+        self.send_bytes(err.status, wire.error_body(err.kind, err.message), headers=err.headers)
+        if self.forward_path is not None:
+            self.server.store.add(self.rejected_record(err.status))
+        else:
+            self.server.store.log_rejected({
+                "timestamp": getattr(self, "started_ms", int(self.server.clock() * 1000)),
+                "path": (self.path or "")[:200].split("?")[0], "status": err.status,
+                "outcome": "rejected", "reason": err.kind})
+
+    def rejected_record(self, status):
+        return {"timestamp": self.started_ms, "account": None, "path": self.forward_path,
+                "model": None, "status": status, "stream": False,
+                "api": "openai" if self.forward_path == "/v1/chat/completions" else "anthropic",
+                "inputTokens": 0, "outputTokens": 0, "cacheReadTokens": 0, "cacheCreateTokens": 0,
+                "ttfbMs": None, "latencyMs": round((time.monotonic() - self.started) * 1000, 2),
+                "claim": "unknown", "bucket": "unknown", "unifiedStatus": None, "util5h": None,
+                "util7d": None, "overageUtil": None, "overageStatus": None, "overageInUse": None,
+                "requestId": None, "outcome": "rejected", "sessionId": None}
+
+    def send_error(self, code, message=None, explain=None):
+        """Used by the stdlib parser for malformed requests: answer JSON and close."""
+        self.close_connection = True
+        self.body_pending = True
+        kind = wire.ERROR_KINDS.get(code, "invalid_request_error")
+        try:
+            self.send_bytes(code, wire.error_body(kind, message or self.responses.get(code, ("error",))[0]))
+        except OSError:
+            pass
+
+    def log_message(self, format, *args):
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def log_request(self, code="-", size="-"):
+        log.debug("%s %s -> %s", self.command, (self.path or "")[:200], code)
+
+    # -- the gateway's own endpoints ---------------------------------------------
+
+    def preflight(self):
+        origin = exposure.allowed_origin(self.server.settings, self.headers)
+        if origin is None:
+            raise wire.HttpError(403, "preflight refused: origin not allowed")
+        requested = self.headers.get("Access-Control-Request-Headers", "")
+        headers = {"Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                   "Access-Control-Max-Age": "600"}
+        if requested and "\r" not in requested and "\n" not in requested:
+            headers["Access-Control-Allow-Headers"] = requested[:1000]
+        self.send_bytes(204, b"", headers=headers)
+
+    def do_health(self):
+        server = self.server
+        self.send_json(200, {
+            "status": "ok",
+            "guard": "halted" if server.guard.snapshot() else "normal",
+            "version": __version__,
+            "uptimeS": round(time.monotonic() - server.started_at, 1),
+            "requests": server.store.summary()["requests"],
+        })
+
+    def do_status(self):
+        self.send_json(200, self.server.status())
+
+    def do_analytics(self):
+        self.send_json(200, analytics.report(self.server.store, self.server.clock))
+
+    def do_resume_state(self):
+        guard = self.server.guard
+        halt = guard.snapshot()
+        self.send_json(200, {"halted": halt is not None, "state": halt.public() if halt else None,
+                             "config": guard.config.public()})
+
+    def do_resume(self):
+        content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            raise wire.HttpError(415, "POST /admin/resume needs Content-Type: application/json")
+        self.read_body(wire.body_framing(self.headers, ADMIN_BODY_LIMIT), ADMIN_BODY_LIMIT)
+        was_halted, resumed_at = self.server.guard.clear("manual")
+        self.send_json(200, {"ok": True, "wasHalted": was_halted, "resumedAt": iso(resumed_at)})
+
+    def do_analytics_stream(self):
+        server = self.server
+        try:
+            sub, backlog = server.store.subscribe_with_backlog(server.bus, 50)
+        except TooManySubscribers:
+            raise wire.HttpError(503, "too many /analytics/stream subscribers; try again later") from None
+        try:
+            self.close_connection = True
+            self.connection.settimeout(SSE_WRITE_TIMEOUT_S)
+            head = ("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+                    "Transfer-Encoding: chunked\r\nConnection: close\r\n"
+                    + "".join(f"{n}: {v}\r\n" for n, v in self.cors_headers()) + "\r\n")
+            frames = [sse_frame("record", record) for record in backlog]
+            halt = server.guard.snapshot()
+            if halt is not None:
+                frames.append(sse_frame("overage_halt", halt.public()))
+            self.responded = True
+            self.wfile.write(head.encode("latin-1") + (wire.chunk(b"".join(frames)) if frames else b""))
+            while True:
+                item = sub.get(server.heartbeat_s)
+                if item is None:
+                    break
+                frame = b": heartbeat\n\n" if item is Subscription.TIMEOUT else sse_frame(*item)
+                self.wfile.write(wire.chunk(frame))
+            self.wfile.write(wire.LAST_CHUNK)
+        except OSError:
+            log.debug("an /analytics/stream subscriber went away")
+        finally:
+            sub.close()
+
+
+def sse_frame(name, data):
+    payload = json.dumps(data, separators=(",", ":")).encode()
+    if name == "record":
+        return b"data: " + payload + b"\n\n"      # records are the stream's default events
+    return b"event: " + name.encode() + b"\ndata: " + payload + b"\n\n"
+
+
+def _error(kind, message):
+    return {"type": "error", "error": {"type": kind, "message": message}}

@@ -1,0 +1,156 @@
+"""The request records: kept in memory, totalled, published live, appended to a log file.
+
+A record is a plain dict (see SPEC section 5) built by the handler when a request to a
+forwarded route completes. `RecordStore.add` numbers it, keeps the last `max_records`,
+updates the all-time totals, publishes it on the event bus and appends it to the log
+file. Publishing happens under the store's lock so subscribers see records in id order
+and `subscribe_with_backlog` can hand out a gap-free, duplicate-free backlog.
+
+Thread-safe: every mutation is under `self._lock`; readers get copies.
+"""
+
+import collections
+import json
+import logging
+import threading
+
+from . import pricing
+
+log = logging.getLogger(__name__)
+
+OUTCOMES = ("ok", "upstream_error", "client_gone", "halted", "rejected")
+MAX_KEYS = 1000   # distinct models/accounts tracked before lumping into "(other)"
+
+
+def new_totals():
+    return {"requests": 0, "inputTokens": 0, "outputTokens": 0, "cacheReadTokens": 0,
+            "cacheCreateTokens": 0, "costUsd": 0.0, "latencyMsSum": 0, "errors": 0,
+            "claims": {}, "buckets": {}}
+
+
+def add_to_totals(totals, record):
+    totals["requests"] += 1
+    for key in ("inputTokens", "outputTokens", "cacheReadTokens", "cacheCreateTokens"):
+        totals[key] += record.get(key) or 0
+    totals["costUsd"] += record.get("costUsd") or 0.0
+    totals["latencyMsSum"] += record.get("latencyMs") or 0
+    if is_error(record):
+        totals["errors"] += 1
+    for field, name in (("claims", "claim"), ("buckets", "bucket")):
+        counts = totals[field]
+        key = record.get(name) or "unknown"
+        if key in counts or len(counts) < MAX_KEYS:
+            counts[key] = counts.get(key, 0) + 1
+
+
+def is_error(record):
+    return record.get("outcome") != "ok" or (record.get("status") or 0) >= 400
+
+
+class RecordLog:
+    """Appends JSON lines to `--log-file`. Failing to write is said once, never raised."""
+
+    def __init__(self, path):
+        self.path = path
+        self._lock = threading.Lock()
+        self._fh = None
+        self._failed = False
+
+    def write(self, entry):
+        line = json.dumps(entry, separators=(",", ":")) + "\n"
+        with self._lock:
+            if self._failed:
+                return
+            try:
+                if self._fh is None:
+                    self._fh = open(self.path, "a", encoding="utf-8")
+                self._fh.write(line)
+                self._fh.flush()
+            except OSError as err:
+                self._failed = True
+                log.error("cannot write log file %s (%s); records are kept in memory only",
+                          self.path, err.strerror or err)
+
+    def close(self):
+        with self._lock:
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
+
+
+class RecordStore:
+    def __init__(self, max_records=10_000, bus=None, log_file=None):
+        self._lock = threading.Lock()
+        self._records = collections.deque(maxlen=max_records)
+        self._next_id = 1
+        self._bus = bus
+        self._log = RecordLog(log_file) if log_file else None
+        self.totals = new_totals()
+        self.outcomes = dict.fromkeys(OUTCOMES, 0)
+        self.per_model = {}
+        self.per_account = {}
+        self.last_claims = collections.deque(maxlen=10)
+
+    def add(self, record):
+        """Number, keep, total, publish and log one record; returns it."""
+        usd, known = pricing.estimate(
+            record.get("model"), record.get("inputTokens") or 0, record.get("outputTokens") or 0,
+            record.get("cacheReadTokens") or 0, record.get("cacheCreateTokens") or 0)
+        record["costUsd"] = round(usd, 6)
+        if not known:
+            record["priceUnknown"] = True
+        with self._lock:
+            record["id"] = self._next_id
+            self._next_id += 1
+            self._records.append(record)
+            add_to_totals(self.totals, record)
+            self.outcomes[record["outcome"]] = self.outcomes.get(record["outcome"], 0) + 1
+            self._add_keyed(self.per_model, record.get("model") or "unknown", record)
+            self._add_keyed(self.per_account, record.get("account") or "anonymous", record)
+            if record.get("claim") not in (None, "unknown"):
+                self.last_claims.append({"timestamp": record["timestamp"], "claim": record["claim"],
+                                         "bucket": record.get("bucket")})
+            if self._bus is not None:
+                self._bus.publish("record", record)
+        if self._log is not None:
+            self._log.write(record)
+        return record
+
+    def _add_keyed(self, table, key, record):
+        if key not in table and len(table) >= MAX_KEYS:
+            key = "(other)"
+        add_to_totals(table.setdefault(key, new_totals()), record)
+
+    def log_rejected(self, entry):
+        """A request the gateway refused outside the forwarded routes: log file only."""
+        if self._log is not None:
+            self._log.write(entry)
+
+    def snapshot(self, last=None):
+        with self._lock:
+            records = list(self._records)
+        return records if last is None else records[-last:]
+
+    def subscribe_with_backlog(self, bus, backlog=50):
+        """Subscribe and take the last `backlog` records atomically: no gap, no repeat."""
+        with self._lock:
+            sub = bus.subscribe()
+            return sub, list(self._records)[-backlog:]
+
+    def summary(self):
+        """Counters for /status and /health (copies, taken under the lock)."""
+        with self._lock:
+            return {
+                "requests": self.totals["requests"],
+                "outcomes": dict(self.outcomes),
+                "lastClaims": list(self.last_claims),
+            }
+
+    def totals_copy(self):
+        with self._lock:
+            return (json.loads(json.dumps(self.totals)), json.loads(json.dumps(self.per_model)),
+                    json.loads(json.dumps(self.per_account)))
+
+    def close(self):
+        if self._log is not None:
+            self._log.close()

@@ -1,0 +1,252 @@
+"""The gateway server: builds the shared parts once and serves each connection on a thread.
+
+`GatewayServer` is a `ThreadingHTTPServer` that owns the one upstream session, guard,
+event bus, record store and watchdog; handlers reach them through `self.server`.
+Tests build as many servers as they like (port 0, injected clock and timer).
+
+It also bounds the gateway: past `max_connections` open connections a new one gets
+an immediate 503 `overloaded_error` instead of a thread, and `drain()` stops accepting,
+closes `/analytics/stream` subscribers at once and gives forwarded requests in flight
+up to ten seconds to finish.
+
+`run()` is the `proxy` command: bind, announce, serve until SIGINT/SIGTERM, drain.
+"""
+
+import errno
+import logging
+import os
+import signal
+import socket
+import socketserver
+import threading
+import time
+from http.server import ThreadingHTTPServer
+
+from . import __version__
+from .events import EventBus
+from .guard import Guard
+from .handler import Handler
+from .notify import Notifier
+from .records import RecordStore
+from .statefile import StateFile
+from .upstream import Upstream
+from .watchdog import Watchdog
+from .wire import error_body
+
+log = logging.getLogger(__name__)
+
+MAX_CONNECTIONS = 1024
+DRAIN_S = 10
+_OVERLOADED = error_body("overloaded_error", "dario is at its connection limit; retry shortly")
+_OVERLOADED_RESPONSE = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s"
+    % (len(_OVERLOADED), _OVERLOADED))
+
+
+class Tracker:
+    """Counts forwarded requests in flight, so a drain can wait for them."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self.count = 0
+
+    def __enter__(self):
+        with self._cond:
+            self.count += 1
+
+    def __exit__(self, *exc):
+        with self._cond:
+            self.count -= 1
+            self._cond.notify_all()
+
+    def wait_idle(self, timeout):
+        with self._cond:
+            return self._cond.wait_for(lambda: self.count == 0, timeout)
+
+
+class GatewayServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024          # the stdlib's 5 resets connections under a burst
+    block_on_close = False
+
+    def __init__(self, settings, *, clock=time.time, timer_factory=threading.Timer,
+                 notifier=None, heartbeat_s=25.0, max_connections=MAX_CONNECTIONS):
+        self.address_family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+        super().__init__((settings.host, settings.port), Handler)
+        self.settings = settings
+        self.clock = clock
+        self.heartbeat_s = heartbeat_s
+        self.max_connections = max_connections
+        self.bus = EventBus()
+        self.store = RecordStore(settings.max_records, self.bus, settings.log_file)
+        self.upstream = Upstream(settings.upstream, settings.read_timeout_s, pool_size=256)
+        self.notifier = notifier if notifier is not None else Notifier(settings.guard.notify_os)
+        self.guard = Guard(settings.guard, bus=self.bus, notifier=self.notifier,
+                           state_file=StateFile(os.path.join(settings.home, "guard-state.json")),
+                           clock=clock, timer_factory=timer_factory)
+        self.watchdog = Watchdog().start()
+        self.tracker = Tracker()
+        self.account_aliases = {digest: alias for alias, digest in settings.accounts.items()}
+        self.started_at = time.monotonic()
+        self.draining = False
+        self._connections = 0
+        self._conn_lock = threading.Lock()
+        self._serve_thread = None
+
+    def server_bind(self):
+        # HTTPServer.server_bind would call socket.getfqdn(), a DNS lookup at start.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    @property
+    def port(self):
+        return self.server_address[1]
+
+    @property
+    def url(self):
+        host = self.settings.host
+        return f"http://{'[' + host + ']' if ':' in host else host}:{self.port}"
+
+    # -- connections -------------------------------------------------------------
+
+    def process_request(self, request, client_address):
+        with self._conn_lock:
+            full = self._connections >= self.max_connections
+            if not full:
+                self._connections += 1
+        if full:
+            try:
+                request.settimeout(1)
+                request.sendall(_OVERLOADED_RESPONSE)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except RuntimeError:            # no thread could be started
+            self._release()
+            self.shutdown_request(request)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release()
+
+    def _release(self):
+        with self._conn_lock:
+            self._connections -= 1
+
+    def handle_error(self, request, client_address):
+        log.debug("error on a connection from %s", client_address[0], exc_info=True)
+
+    @property
+    def connections(self):
+        with self._conn_lock:
+            return self._connections
+
+    # -- life cycle --------------------------------------------------------------
+
+    def start(self):
+        """Load the saved guard state and serve on a background thread (tests, demo)."""
+        self.guard.start()
+        self._serve_thread = threading.Thread(target=self.serve_forever, name="dario-accept",
+                                              daemon=True)
+        self._serve_thread.start()
+        return self
+
+    def drain(self, timeout=DRAIN_S):
+        """Stop accepting, end event streams, let forwarded requests finish; then clean up."""
+        self.draining = True
+        if self._serve_thread is not None:
+            self.shutdown()             # blocks forever unless serve_forever is running
+            self._serve_thread = None
+        self.server_close()
+        self.bus.close_all()
+        finished = self.tracker.wait_idle(timeout)
+        if not finished:
+            log.warning("%d request(s) still in flight after %ss; exiting anyway",
+                        self.tracker.count, timeout)
+        self.guard.close()
+        self.watchdog.stop()
+        self.upstream.close()
+        self.store.close()
+        return finished
+
+    def status(self):
+        halt = self.guard.snapshot()
+        summary = self.store.summary()
+        settings = self.settings
+        return {
+            "version": __version__,
+            "bind": f"{settings.host}:{self.port}",
+            "upstream": settings.upstream,
+            "configSource": settings.config_source,
+            "configPath": settings.config_path,
+            "uptimeS": round(time.monotonic() - self.started_at, 1),
+            "auth": "api-key" if settings.api_key else "none",
+            "guard": {
+                "state": "halted" if halt else "normal",
+                "halt": halt.public() if halt else None,
+                "config": self.guard.config.public(),
+                "halts": self.guard.halts,
+                "warnings": self.guard.warnings,
+            },
+            "requests": summary["requests"],
+            "outcomes": summary["outcomes"],
+            "lastClaims": summary["lastClaims"],
+            "inFlight": self.tracker.count,
+            "connections": self.connections,
+            "subscribers": self.bus.count,
+        }
+
+
+def _another_gateway(host, port):
+    """Is the thing listening on host:port a dario gateway? (for the bind error)"""
+    import http.client
+    try:
+        conn = http.client.HTTPConnection(host, port, timeout=1)
+        conn.request("GET", "/health", headers={"Host": "127.0.0.1"})
+        body = conn.getresponse().read(2048)
+        conn.close()
+        return b'"status"' in body and b'"guard"' in body
+    except (OSError, http.client.HTTPException):
+        return False
+
+
+def run(settings):
+    """The `proxy` command. Returns the exit status."""
+    try:
+        server = GatewayServer(settings)
+    except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            who = ("another dario gateway is listening there" if _another_gateway(settings.host, settings.port)
+                   else "another program is listening there")
+            log.error("cannot listen on %s:%s: the port is in use (%s). Stop it or pick another "
+                      "--port.", settings.host, settings.port, who)
+        else:
+            log.error("cannot listen on %s:%s: %s", settings.host, settings.port, err.strerror or err)
+        return 1
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    server.start()
+    guard = settings.guard
+    log.info("dario %s listening on %s -> %s (guard: %s%s)", __version__, server.url, settings.upstream,
+             "off" if not guard.enabled else guard.behavior,
+             "" if not guard.enabled or guard.behavior != "halt" else
+             f", cooldown {guard.cooldown_ms // 1000}s" if guard.cooldown_ms else ", manual resume")
+    if settings.api_key:
+        log.info("gateway auth is on: clients send x-dario-api-key or Proxy-Authorization")
+    while not stop.wait(0.5):
+        pass
+    log.info("shutting down: draining requests in flight (up to %ss)", DRAIN_S)
+    server.drain(DRAIN_S)
+    log.info("stopped")
+    return 0

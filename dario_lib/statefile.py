@@ -1,0 +1,75 @@
+"""`$DARIO_HOME/guard-state.json`: the halt, saved so it survives restarts and is shared.
+
+Written atomically (temp file in the same folder, fsync, `os.replace`) with mode 0600
+and removed on resume. Gateways sharing a `DARIO_HOME` notice each other's changes by
+the file's signature (mtime, size, inode), which is cheap enough to check before every
+forwarded request.
+
+No locking here: the guard calls these under its own lock.
+"""
+
+import json
+import os
+import tempfile
+
+ABSENT, OK, CORRUPT = "absent", "ok", "corrupt"
+
+
+class StateFile:
+    def __init__(self, path):
+        self.path = path
+
+    def signature(self):
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def read(self):
+        """(ABSENT, None), (OK, dict) or (CORRUPT, reason)."""
+        try:
+            with open(self.path, encoding="utf-8") as fh:
+                text = fh.read()
+        except FileNotFoundError:
+            return ABSENT, None
+        except (OSError, UnicodeDecodeError) as err:
+            return CORRUPT, str(err)
+        try:
+            data = json.loads(text)
+        except ValueError as err:
+            return CORRUPT, f"not valid JSON ({err})"
+        if not isinstance(data, dict) or not isinstance(data.get("since"), int):
+            return CORRUPT, "not a saved halt"
+        until = data.get("cooldownUntil")
+        if until is not None and (isinstance(until, bool) or not isinstance(until, int)):
+            return CORRUPT, "cooldownUntil is not a time"
+        return OK, data
+
+    def write(self, data):
+        """Save atomically; returns the new signature. Raises OSError on failure."""
+        folder = os.path.dirname(self.path) or "."
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".guard-state-", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(data, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, self.path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        return self.signature()
+
+    def remove(self):
+        """Delete the saved halt; returns the new signature (None). Raises OSError."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        return self.signature()
