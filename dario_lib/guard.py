@@ -276,9 +276,10 @@ class Guard:
         try:
             self._file_sig = self._file.write(halt.public())
         except OSError as err:
+            why = err.strerror or str(err)     # `err` is unbound once the except block ends
             actions.append(lambda: log.error(
                 "COULD NOT SAVE THE HALT to %s (%s): it holds in memory only and will not "
-                "survive a restart", self._file.path, err.strerror or err))
+                "survive a restart", self._file.path, why))
 
     def _remove_file_locked(self, actions=None):
         if self._file is None:
@@ -286,12 +287,13 @@ class Guard:
         try:
             self._file_sig = self._file.remove()
         except OSError as err:
+            why = err.strerror or str(err)
             message = ("could not remove %s (%s): a restart would start halted again; "
                        "delete it by hand")
             if actions is None:
-                log.error(message, self._file.path, err.strerror or err)
+                log.error(message, self._file.path, why)
             else:
-                actions.append(lambda: log.error(message, self._file.path, err.strerror or err))
+                actions.append(lambda: log.error(message, self._file.path, why))
 
     def _publish(self, name, data):
         if self._bus is not None:

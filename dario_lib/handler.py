@@ -188,6 +188,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_bytes(status, json.dumps(obj).encode(), headers=headers)
 
     def answer_error(self, err):
+        if err.status == 400:
+            self.close_connection = True    # a client that framed one request wrong may frame the next wrong
         self.send_bytes(err.status, wire.error_body(err.kind, err.message), headers=err.headers)
         if self.forward_path is not None:
             self.server.store.add(self.rejected_record(err.status))

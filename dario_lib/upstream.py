@@ -76,7 +76,6 @@ class Upstream:
         session.trust_env = False
         session.headers.clear()           # send the client's headers, not requests' defaults
         session.cookies.set_policy(_NoCookies())
-        session.max_redirects = 0
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
         session.mount("http://", adapter)
         session.mount("https://", adapter)
