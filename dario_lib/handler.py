@@ -16,6 +16,7 @@ One instance per connection, on that connection's thread (ThreadingHTTPServer).
 import json
 import logging
 import re
+import socket
 import time
 from http.server import BaseHTTPRequestHandler
 
@@ -30,6 +31,7 @@ HEAD_DEADLINE_S = 75          # idle keep-alive wait plus request line and heade
 BODY_DEADLINE_S = 60          # plus one second per 256 KiB declared
 SOCKET_TIMEOUT_S = 60         # any single read or write on the client socket
 SSE_WRITE_TIMEOUT_S = 10
+SSE_SEND_BUFFER = 65536
 ADMIN_BODY_LIMIT = 65536
 
 FORWARDED = {
@@ -190,7 +192,6 @@ class Handler(BaseHTTPRequestHandler):
     def answer_error(self, err):
         if err.status == 400:
             self.close_connection = True    # a client that framed one request wrong may frame the next wrong
-        self.send_bytes(err.status, wire.error_body(err.kind, err.message), headers=err.headers)
         if self.forward_path is not None:
             self.server.store.add(self.rejected_record(err.status))
         else:
@@ -198,6 +199,7 @@ class Handler(BaseHTTPRequestHandler):
                 "timestamp": getattr(self, "started_ms", int(self.server.clock() * 1000)),
                 "path": (self.path or "")[:200].split("?")[0], "status": err.status,
                 "outcome": "rejected", "reason": err.kind})
+        self.send_bytes(err.status, wire.error_body(err.kind, err.message), headers=err.headers)
 
     def rejected_record(self, status):
         return {"timestamp": self.started_ms, "account": None, "path": self.forward_path,
@@ -274,9 +276,14 @@ class Handler(BaseHTTPRequestHandler):
             sub, backlog = server.store.subscribe_with_backlog(server.bus, 50)
         except TooManySubscribers:
             raise wire.HttpError(503, "too many /analytics/stream subscribers; try again later") from None
+        # A subscriber that hangs up frees its slot at once, not at the next heartbeat.
+        token = server.watchdog.watch(self.connection, sub.close)
         try:
             self.close_connection = True
             self.connection.settimeout(SSE_WRITE_TIMEOUT_S)
+            # A small send buffer makes a subscriber that stopped reading show up as a
+            # full queue soon, instead of after megabytes of kernel buffering.
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SSE_SEND_BUFFER)
             head = ("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
                     "Transfer-Encoding: chunked\r\nConnection: close\r\n"
                     + "".join(f"{n}: {v}\r\n" for n, v in self.cors_headers()) + "\r\n")
@@ -296,6 +303,7 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:
             log.debug("an /analytics/stream subscriber went away")
         finally:
+            server.watchdog.unwatch(token)
             sub.close()
 
 

@@ -125,14 +125,14 @@ class Exchange:
             halt = self.server.guard.check()
             if halt is not None:
                 extra, body = guard_mod.blocked_response(halt, int(self.server.clock() * 1000))
+                self.finish(503, "halted")          # recorded before the client can see it
                 self.h.send_json(503, body, extra)
-                self.finish(503, "halted")
                 return
         try:
             resp = self.server.upstream.send(self.h.command, self.path_and_query, headers, self.body)
         except UpstreamError as err:
-            self.h.send_json(err.status, {"type": "error", "error": {"type": err.kind, "message": err.reason}})
             self.finish(err.status, "upstream_error")
+            self.h.send_json(err.status, {"type": "error", "error": {"type": err.kind, "message": err.reason}})
             return
         self.record["ttfbMs"] = round((time.monotonic() - self.started) * 1000, 2)
         self.relay(resp)

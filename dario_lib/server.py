@@ -71,14 +71,14 @@ class GatewayServer(ThreadingHTTPServer):
     block_on_close = False
 
     def __init__(self, settings, *, clock=time.time, timer_factory=threading.Timer,
-                 notifier=None, heartbeat_s=25.0, max_connections=MAX_CONNECTIONS):
+                 notifier=None, heartbeat_s=25.0, max_connections=MAX_CONNECTIONS, bus=None):
         self.address_family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
         super().__init__((settings.host, settings.port), Handler)
         self.settings = settings
         self.clock = clock
         self.heartbeat_s = heartbeat_s
         self.max_connections = max_connections
-        self.bus = EventBus()
+        self.bus = bus if bus is not None else EventBus()
         self.store = RecordStore(settings.max_records, self.bus, settings.log_file)
         self.upstream = Upstream(settings.upstream, settings.read_timeout_s, pool_size=256)
         self.notifier = notifier if notifier is not None else Notifier(settings.guard.notify_os)
@@ -149,11 +149,14 @@ class GatewayServer(ThreadingHTTPServer):
 
     # -- life cycle --------------------------------------------------------------
 
-    def start(self):
-        """Load the saved guard state and serve on a background thread (tests, demo)."""
+    def start(self, poll_interval=0.5):
+        """Load the saved guard state and serve on a background thread.
+
+        `poll_interval` bounds how long `drain()` waits for the accept loop to notice.
+        """
         self.guard.start()
-        self._serve_thread = threading.Thread(target=self.serve_forever, name="dario-accept",
-                                              daemon=True)
+        self._serve_thread = threading.Thread(target=self.serve_forever, args=(poll_interval,),
+                                              name="dario-accept", daemon=True)
         self._serve_thread.start()
         return self
 

@@ -87,7 +87,7 @@ def make_settings(home, upstream=None, flags=None, env=None, **replace):
 @contextlib.contextmanager
 def running_gateway(settings, **kwargs):
     kwargs.setdefault("notifier", RecordingNotifier())
-    server = GatewayServer(settings, **kwargs).start()
+    server = GatewayServer(settings, **kwargs).start(poll_interval=0.02)
     try:
         yield server
     finally:

@@ -27,8 +27,9 @@ def post(gateway, path="/v1/messages", body=MESSAGE, headers=None, **kwargs):
     return requests.post(url(gateway, path), json=body, headers=base, **kwargs)
 
 
-def last_record(gateway):
-    assert wait_until(lambda: gateway.store.snapshot())
+def last_record(gateway, count=1):
+    """The latest record, once `count` exist: one is stored a moment after its last byte."""
+    assert wait_until(lambda: gateway.store.summary()["requests"] >= count)
     return gateway.store.snapshot()[-1]
 
 
@@ -64,7 +65,7 @@ def test_every_forwarded_route_and_query_is_passed_unchanged(gateway, sim):
         assert resp.status_code == 200, (path, resp.text)
         seen = sim.requests[-1]
         assert seen.method == method and seen.path + ("?" + seen.query if seen.query else "") == path
-    assert gateway.store.summary()["requests"] == len(cases)
+    assert wait_until(lambda: gateway.store.summary()["requests"] == len(cases))
     assert gateway.store.snapshot()[2]["api"] == "openai"
 
 
@@ -277,7 +278,7 @@ def test_body_over_limit_is_413_closed_and_not_forwarded(sim, home):
                   + (b"400\r\n" + b"y" * 1024 + b"\r\n") * 3 + b"0\r\n\r\n"
         assert parse_response(raw_request(gateway.port, chunked))[0] == 413
         assert sim.requests == []
-        record = last_record(gateway)
+        record = last_record(gateway, 2)
         assert record["outcome"] == "rejected" and record["status"] == 413
 
 

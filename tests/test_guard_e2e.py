@@ -50,8 +50,8 @@ def test_overage_mid_stream_blocks_a_concurrent_request_while_the_stream_runs(ga
     assert requests.get(url(gateway, "/v1/models"), headers={"x-api-key": "k"}).status_code == 200
     for path in ("/health", "/status", "/analytics", "/admin/resume"):
         assert requests.get(url(gateway, path)).status_code == 200
-    outcomes = gateway.store.summary()["outcomes"]
-    assert outcomes["halted"] == 3 and outcomes["ok"] == 3
+    assert wait_until(lambda: gateway.store.summary()["outcomes"]["ok"] == 3)
+    assert gateway.store.summary()["outcomes"]["halted"] == 3
 
 
 @pytest.mark.parametrize("claim", ["api", "brand_new_billing_mode"])
@@ -71,6 +71,7 @@ def test_configured_subscription_claim_does_not_halt(sim, home):
     with running_gateway(make_settings(home, sim.url)) as gateway:
         post(gateway, headers={"x-sim-claim": "ten_hour"})
         assert health(gateway) == "normal"
+        assert wait_until(lambda: gateway.store.snapshot())
         assert gateway.store.snapshot()[-1]["bucket"] == "subscription"
 
 
