@@ -29,6 +29,8 @@ Commands:
   config path              where the config file lives
   config get KEY           one setting, e.g. overageGuard.cooldownMs
   config set KEY VALUE     validate and save one setting (atomic write)
+  demo                     watch the guard trip and clear against a simulated upstream
+                           (offline, a few seconds; your own config is untouched)
   help, --help, -h         this text
   --version                the version
 
@@ -147,7 +149,7 @@ def cmd_proxy(args):
     if not settings.bound_to_loopback and not settings.api_key:
         log.warning("listening on %s WITHOUT authentication (--unsafe-no-auth)", settings.host)
     from .server import run
-    return run(settings)
+    return run(settings, reload=lambda: config.resolve(flags, os.environ))
 
 
 # -- resume and status --------------------------------------------------------------
@@ -249,6 +251,14 @@ def cmd_config(args):
     return 0
 
 
+# -- demo ---------------------------------------------------------------------------
+
+def cmd_demo(args):
+    _setup_logging()
+    from .demo import cmd_demo as demo
+    return demo(args)
+
+
 # -- entry point --------------------------------------------------------------------
 
 COMMANDS = {
@@ -256,6 +266,7 @@ COMMANDS = {
     "resume": cmd_resume,
     "status": cmd_status,
     "config": cmd_config,
+    "demo": cmd_demo,
 }
 
 

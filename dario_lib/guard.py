@@ -162,6 +162,15 @@ class Guard:
                     iso(halt.since), _cause(halt), _how_to_resume(halt)))
         _run(actions)
 
+    def reconfigure(self, config):
+        """New settings (config reload). A halt the new settings would not keep is cleared."""
+        actions = []
+        with self._lock:
+            self.config = config
+            if self._halt is not None and not self.halting:
+                self._clear_locked("config", actions)
+        _run(actions)
+
     def close(self):
         with self._lock:
             if self._timer is not None:

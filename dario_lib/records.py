@@ -121,6 +121,12 @@ class RecordStore:
             key = "(other)"
         add_to_totals(table.setdefault(key, new_totals()), record)
 
+    def set_log_file(self, path):
+        """Switch the log file (config reload); records already written stay where they are."""
+        old, self._log = self._log, RecordLog(path) if path else None
+        if old is not None:
+            old.close()
+
     def log_rejected(self, entry):
         """A request the gateway refused outside the forwarded routes: log file only."""
         if self._log is not None:

@@ -12,6 +12,7 @@ up to ten seconds to finish.
 `run()` is the `proxy` command: bind, announce, serve until SIGINT/SIGTERM, drain.
 """
 
+import dataclasses
 import errno
 import logging
 import os
@@ -178,6 +179,28 @@ class GatewayServer(ThreadingHTTPServer):
         self.store.close()
         return finished
 
+    def reconfigure(self, settings):
+        """Apply reloaded settings (SIGHUP). Returns the names that need a restart instead.
+
+        Requests in flight keep the objects they started with; new requests see the new
+        settings, which are swapped in as one reference.
+        """
+        old = self.settings
+        restart = [name for name, attr in (("host", "host"), ("port", "port"), ("maxRecords", "max_records"))
+                   if getattr(old, attr) != getattr(settings, attr)]
+        settings = dataclasses.replace(settings, host=old.host, port=old.port, max_records=old.max_records)
+        if (settings.upstream, settings.read_timeout_s) != (old.upstream, old.read_timeout_s):
+            # The old session is left to in-flight requests and the garbage collector.
+            self.upstream = Upstream(settings.upstream, settings.read_timeout_s, pool_size=256)
+        if settings.log_file != old.log_file:
+            self.store.set_log_file(settings.log_file)
+        self.account_aliases = {digest: alias for alias, digest in settings.accounts.items()}
+        if hasattr(self.notifier, "os_notify"):
+            self.notifier.os_notify = settings.guard.notify_os
+        self.guard.reconfigure(settings.guard)
+        self.settings = settings
+        return restart
+
     def status(self):
         halt = self.guard.snapshot()
         summary = self.store.summary()
@@ -219,8 +242,25 @@ def _another_gateway(host, port):
         return False
 
 
-def run(settings):
-    """The `proxy` command. Returns the exit status."""
+def sd_notify(message):
+    """Tell systemd (Type=notify units) about our state; a no-op outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address or not hasattr(socket, "AF_UNIX"):
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]          # abstract namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(message.encode(), address)
+    except OSError as err:
+        log.debug("sd_notify failed: %s", err)
+
+
+def run(settings, reload=None):
+    """The `proxy` command. Returns the exit status.
+
+    `reload()` returns freshly resolved Settings; it is called on SIGHUP.
+    """
     try:
         server = GatewayServer(settings)
     except OSError as err:
@@ -232,13 +272,19 @@ def run(settings):
         else:
             log.error("cannot listen on %s:%s: %s", settings.host, settings.port, err.strerror or err)
         return 1
-    stop = threading.Event()
+    stop, hup = threading.Event(), threading.Event()
 
     def on_signal(signum, frame):
         stop.set()
 
+    def on_hup(signum, frame):
+        hup.set()
+        stop.set()                              # wake the main loop
+
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    if reload is not None and hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, on_hup)
     server.start()
     guard = settings.guard
     log.info("dario %s listening on %s -> %s (guard: %s%s)", __version__, server.url, settings.upstream,
@@ -247,9 +293,31 @@ def run(settings):
              f", cooldown {guard.cooldown_ms // 1000}s" if guard.cooldown_ms else ", manual resume")
     if settings.api_key:
         log.info("gateway auth is on: clients send x-dario-api-key or Proxy-Authorization")
-    while not stop.wait(0.5):
-        pass
+    sd_notify("READY=1")
+    while True:
+        if not stop.wait(1.0):      # a timeout keeps Ctrl-C responsive on Windows too
+            continue
+        if not hup.is_set():
+            break
+        hup.clear()
+        stop.clear()
+        _reload(server, reload)
+    sd_notify("STOPPING=1")
     log.info("shutting down: draining requests in flight (up to %ss)", DRAIN_S)
     server.drain(DRAIN_S)
     log.info("stopped")
     return 0
+
+
+def _reload(server, reload):
+    from .config import ConfigError
+    try:
+        settings = reload()
+    except ConfigError as err:
+        log.error("config not reloaded: %s", err)
+        return
+    for warning in settings.warnings:
+        log.warning("%s", warning)
+    needs_restart = server.reconfigure(settings)
+    log.info("config reloaded from %s (%s)%s", settings.config_path, settings.config_source,
+             f"; {', '.join(needs_restart)} change(s) need a restart" if needs_restart else "")

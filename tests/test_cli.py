@@ -257,3 +257,43 @@ def test_config_set_refuses_to_clobber_a_broken_file(home):
     (home / "config.json").write_text("{broken")
     result = run(["config", "set", "port", "4000"], home)
     assert result.returncode == 1 and (home / "config.json").read_text() == "{broken"
+
+
+def test_sighup_reloads_the_config_file(home, proxy):
+    gateway = proxy()
+    (home / "config.json").write_text(json.dumps({"overageGuard": {"behavior": "warn", "cooldownMs": 5000},
+                                                  "maxRecords": 50}))
+    gateway.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        config = requests.get(gateway.url + "/admin/resume").json()["config"]
+        if config["behavior"] == "warn":
+            break
+        time.sleep(0.05)
+    assert config == {"enabled": True, "behavior": "warn", "cooldownMs": 5000, "notifyOs": False}
+    assert gateway.stop() == 0
+    assert "config reloaded" in gateway.log and "maxRecords change(s) need a restart" in gateway.log
+
+
+def test_sd_notify_ready(home, sim, tmp_path):
+    path = str(tmp_path / "notify.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(path)
+    listener.settimeout(10)
+    gateway = Gateway(home, ["--upstream=" + sim.url], env={"NOTIFY_SOCKET": path})
+    try:
+        assert listener.recv(100) == b"READY=1"
+        gateway.stop()
+        assert listener.recv(100) == b"STOPPING=1"
+    finally:
+        listener.close()
+        if gateway.proc.poll() is None:
+            gateway.proc.kill()
+
+
+def test_demo_runs_offline(home):
+    result = run(["demo"], home, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "HTTP 503" in result.stdout and "dario_overage_guard" in result.stdout
+    assert "Resumed at" in result.stdout and "OVERAGE GUARD HALTED" in result.stderr
+    assert not list(home.iterdir())                 # the user's home is untouched
