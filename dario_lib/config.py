@@ -189,6 +189,150 @@ class HashMap:
             raise ValueError(self.allowed) from None
 
 
+class Argv(TextList):
+    """A command as an argument list (never a shell string); JSON null turns it off."""
+
+    def __init__(self):
+        super().__init__()
+        self.allowed = 'a JSON list of strings, e.g. ["ntfy", "publish", "mytopic"], or null'
+
+    def check(self, value):
+        if value is None:
+            return None
+        if not value:
+            raise ValueError(self.allowed)
+        return super().check(value)
+
+    def parse(self, text):
+        if text.strip() in ("", "null"):
+            return None
+        try:
+            return self.check(json.loads(text))
+        except ValueError:
+            raise ValueError(self.allowed) from None
+
+
+class WebhookUrl(Text):
+    def __init__(self):
+        super().__init__(nullable=True, allowed="an http:// or https:// URL, or null")
+
+    def check(self, value):
+        value = super().check(value)
+        if value is None:
+            return None
+        try:
+            parts = urlsplit(value)
+            hostname, _port = parts.hostname, parts.port
+        except ValueError:
+            raise ValueError(self.allowed) from None
+        if parts.scheme not in ("http", "https") or not hostname:
+            raise ValueError(self.allowed)
+        return value
+
+    def parse(self, text):
+        return None if text.strip() in ("", "null") else self.check(text.strip())
+
+
+class JsonKind:
+    """A structured value: given as JSON text on the command line."""
+
+    def parse(self, text):
+        try:
+            value = json.loads(text)
+        except ValueError:
+            raise ValueError(self.allowed) from None
+        return self.check(value)
+
+
+UTIL_METRICS = ("util5h", "util7d", "overageUtil")
+
+
+def _fraction(value):
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 <= value <= 1
+
+
+class Thresholds(JsonKind):
+    allowed = ('an object like {"util5h": {"warn": 0.8, "halt": 0.95}} with fractions 0-1 '
+               f'(warn <= halt) for {", ".join(UTIL_METRICS)}')
+
+    def check(self, value):
+        if not isinstance(value, dict) or not set(value) <= set(UTIL_METRICS):
+            raise ValueError(self.allowed)
+        out = {}
+        for metric, levels in value.items():
+            if (not isinstance(levels, dict) or not levels or not set(levels) <= {"warn", "halt"}
+                    or not all(_fraction(v) for v in levels.values())):
+                raise ValueError(self.allowed)
+            warn, halt = levels.get("warn"), levels.get("halt")
+            if warn is not None and halt is not None and warn > halt:
+                raise ValueError(self.allowed)
+            out[metric] = (warn, halt)
+        return MappingProxyType(out)
+
+    def dump(self, value):
+        return {metric: {k: v for k, v in (("warn", w), ("halt", h)) if v is not None}
+                for metric, (w, h) in value.items()}
+
+
+class StatusLevels(JsonKind):
+    allowed = 'an object like {"warn": ["allowed_warning"], "halt": ["rejected"]}'
+
+    def check(self, value):
+        if (not isinstance(value, dict) or not set(value) <= {"warn", "halt"}
+                or not all(isinstance(v, list) and all(isinstance(x, str) and x for x in v)
+                           for v in value.values())):
+            raise ValueError(self.allowed)
+        return MappingProxyType({level: frozenset(value.get(level, ())) for level in ("warn", "halt")})
+
+    def dump(self, value):
+        return {level: sorted(names) for level, names in value.items() if names}
+
+
+WINDOW_UNITS_MS = {"m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+@dataclass(frozen=True)
+class Budget:
+    account: str          # an account label, or "*" for all traffic together
+    usd: float
+    window: str           # e.g. "1d", "12h", "30m"
+    window_ms: int
+    warn_at: float = 0.8
+
+    def public(self):
+        return {"account": self.account, "usd": self.usd, "window": self.window, "warnAt": self.warn_at}
+
+
+class Budgets(JsonKind):
+    allowed = ('a list like [{"account": "*", "usd": 20, "window": "1d", "warnAt": 0.8}] '
+               '(window: N followed by m, h or d; up to 90d)')
+
+    def check(self, value):
+        if not isinstance(value, list):
+            raise ValueError(self.allowed)
+        out = []
+        for item in value:
+            if not isinstance(item, dict) or not set(item) <= {"account", "usd", "window", "warnAt"}:
+                raise ValueError(self.allowed)
+            account = item.get("account", "*")
+            usd = item.get("usd")
+            window = item.get("window", "1d")
+            warn_at = item.get("warnAt", 0.8)
+            found = re.fullmatch(r"([1-9]\d{0,4})([mhd])", window) if isinstance(window, str) else None
+            if (not isinstance(account, str) or not account or isinstance(usd, bool)
+                    or not isinstance(usd, (int, float)) or not 0 < usd <= 1_000_000
+                    or not found or not _fraction(warn_at)):
+                raise ValueError(self.allowed)
+            window_ms = int(found.group(1)) * WINDOW_UNITS_MS[found.group(2)]
+            if window_ms > 90 * 86_400_000:
+                raise ValueError(self.allowed)
+            out.append(Budget(account, float(usd), window, window_ms, float(warn_at)))
+        return tuple(out)
+
+    def dump(self, value):
+        return [budget.public() for budget in value]
+
+
 @dataclass(frozen=True)
 class Key:
     name: str            # dotted path in config.json
@@ -218,6 +362,15 @@ SCHEMA = (
     Key("overageGuard.notifyOs", Bool(), True, "desktop notification on halt and warn",
         env="DARIO_OVERAGE_NOTIFY", flag="--overage-notify"),
     Key("overageGuard.subscriptionClaims", TextList(), (), "extra claims to treat as subscription"),
+    Key("overageGuard.scope", Enum("proxy", "account"), "proxy",
+        "proxy: a trip halts all traffic; account: only the account whose traffic tripped"),
+    Key("guards.utilization", Thresholds(), MappingProxyType({}),
+        "warn/halt thresholds for the 5h, 7d and overage utilization headers"),
+    Key("guards.unifiedStatus", StatusLevels(), MappingProxyType({"warn": frozenset(), "halt": frozenset()}),
+        "unified rate-limit status values that warn or halt"),
+    Key("guards.budgets", Budgets(), (), "spend budgets in USD per account and window"),
+    Key("notifyCommand", Argv(), None, "command run with each guard event as JSON on stdin"),
+    Key("notifyWebhook", WebhookUrl(), None, "URL that receives each guard event as a JSON POST"),
     Key("maxBodyBytes", Int(1024, 1 << 30), 32 * 1024 * 1024, "largest request body accepted"),
     Key("readTimeoutS", Number(1, 3600), 600, "seconds without a byte from upstream before 504"),
     Key("maxRecords", Int(10, 1_000_000), 10_000, "records kept in memory"),
@@ -280,7 +433,7 @@ def sanitize(raw):
             values[key.name] = key.kind.check(value)
         except ValueError as err:
             warnings.append(f"config {key.name}: {json.dumps(value)[:80]} is not allowed "
-                            f"(expected {err}); using the default {json.dumps(_plain(key.default))}")
+                            f"(expected {err}); using the default {json.dumps(_plain(key.default, key.kind))}")
     return values, warnings
 
 
@@ -305,8 +458,10 @@ def load_file(path):
     return FileConfig(path, "file", raw, values, tuple(warnings))
 
 
-def _plain(value):
+def _plain(value, kind=None):
     """A schema value as JSON-ready data (tuples and mapping proxies back to list/dict)."""
+    if kind is not None and hasattr(kind, "dump") and value is not None:
+        return kind.dump(value)
     if isinstance(value, tuple):
         return list(value)
     if isinstance(value, MappingProxyType):
@@ -337,7 +492,8 @@ def with_value(raw, name, value):
     if value is None:
         node.pop(leaf, None)
     else:
-        node[leaf] = _plain(value)
+        key = SCHEMA_BY_NAME.get(name)
+        node[leaf] = _plain(value, key.kind if key else None)
     return out
 
 
@@ -371,10 +527,22 @@ class GuardConfig:
     cooldown_ms: int = 1_800_000
     notify_os: bool = True
     subscription_claims: frozenset = frozenset()
+    scope: str = "proxy"
+    utilization: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
+    unified_status: MappingProxyType = field(
+        default_factory=lambda: MappingProxyType({"warn": frozenset(), "halt": frozenset()}))
+    budgets: tuple = ()
 
     def public(self):
         return {"enabled": self.enabled, "behavior": self.behavior,
                 "cooldownMs": self.cooldown_ms, "notifyOs": self.notify_os}
+
+    def guards(self):
+        """The guards beyond overage, as configured (for /status and the TUI)."""
+        return {"scope": self.scope,
+                "utilization": Thresholds().dump(self.utilization),
+                "unifiedStatus": StatusLevels().dump(self.unified_status),
+                "budgets": [budget.public() for budget in self.budgets]}
 
 
 @dataclass(frozen=True)
@@ -394,6 +562,8 @@ class Settings:
     allowed_origins: tuple = ()
     accounts: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
     guard: GuardConfig = GuardConfig()
+    notify_command: tuple = None
+    notify_webhook: str = None
     unsafe_no_auth: bool = False
     # Secrets come from the environment only and are kept out of repr().
     api_key: str = field(default=None, repr=False)
@@ -411,11 +581,14 @@ _FIELD_OF = {
     "maxBodyBytes": "max_body_bytes", "readTimeoutS": "read_timeout_s",
     "maxRecords": "max_records", "allowedHosts": "allowed_hosts",
     "allowedOrigins": "allowed_origins", "accounts": "accounts",
+    "notifyCommand": "notify_command", "notifyWebhook": "notify_webhook",
 }
 _GUARD_FIELD_OF = {
     "overageGuard.enabled": "enabled", "overageGuard.behavior": "behavior",
     "overageGuard.cooldownMs": "cooldown_ms", "overageGuard.notifyOs": "notify_os",
     "overageGuard.subscriptionClaims": "subscription_claims",
+    "overageGuard.scope": "scope", "guards.utilization": "utilization",
+    "guards.unifiedStatus": "unified_status", "guards.budgets": "budgets",
 }
 
 
@@ -474,4 +647,4 @@ def resolve(flags=None, env=os.environ, file_config=None):
 def current_value(file_config, name):
     """The value a key has in the file, or its default: what `config get` shows."""
     key = SCHEMA_BY_NAME[name]
-    return _plain(file_config.values.get(name, key.default))
+    return _plain(file_config.values.get(name, key.default), key.kind)

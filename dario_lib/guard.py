@@ -1,20 +1,25 @@
-"""The overage guard: halt on the first response billed outside the subscription.
+"""The guard: halt on the first response billed outside the subscription, and on the
+other trip-wires (utilization thresholds, unified status, spend budgets).
 
-A small state machine, `normal` or `halted`, behind one lock:
+A small state machine behind one lock. Each halt is keyed by what it stops: `None` for
+the whole gateway (scope `proxy`, the default) or an account label (scope `account`).
 
-- `check()` runs right before a guarded request's upstream send and returns the halt,
-  if any. `observe()` runs when a response's headers arrive and decides the halt. Both
-  take the same lock, so a request that checked before the halt goes out and none that
-  checks after it does; the upstream send itself happens outside the lock.
-- A halt fires once, is saved to `guard-state.json` (so it survives restarts and is
-  shared by gateways with the same `DARIO_HOME`), and clears on `clear()` or when its
-  cooldown timer fires. Every halt gets a new generation, so a late timer from an
-  earlier halt (a `Timer` can fire after `cancel()`) cannot clear a newer one.
-- Events go to the bus under the lock (so they keep their order); loud log lines and
-  desktop notifications run after the lock is released.
+- `check(account)` runs right before a guarded request's upstream send and returns the
+  halt that blocks it, if any. `observe()` runs when a response's headers arrive and
+  decides. Both take the same lock, so a request that checked before a halt goes out
+  and none that checks after it does; the upstream send itself happens outside the lock.
+- The overage trip fires once per halt (while halted, more overage responses are only
+  recorded). Threshold trips (utilization, unified status, budgets) fire once per
+  crossing: they re-arm only after the value drops back below the threshold.
+- Halts are saved to `guard-state.json` (restarts keep them; gateways sharing a
+  `DARIO_HOME` share them) and clear on `clear()` or when their cooldown timer fires.
+  Every halt gets a new generation, so a late timer from an earlier halt (a `Timer` can
+  fire after `cancel()`) cannot clear a newer one.
+- Events go to the bus under the lock (so they keep their order); loud log lines,
+  desktop notifications and alert channels run after the lock is released.
 
 Time is injected (`clock` in seconds, `timer_factory` shaped like `threading.Timer`).
-Thread-safe: every method may be called from any thread.
+Thread-safe: every public method may be called from any thread.
 """
 
 import logging
@@ -32,7 +37,14 @@ log = logging.getLogger(__name__)
 
 BLOCKED_PATHS = frozenset({"/v1/messages", "/v1/complete", "/v1/chat/completions"})
 WARN_NOTIFY_INTERVAL_S = 60
+OVERAGE = "overage_detected"
+UTILIZATION = "utilization_threshold"
+STATUS_REJECTED = "status_rejected"
+STATUS_WARNING = "status_warning"
+BUDGET = "budget_exceeded"
+BUDGET_WARNING = "budget_warning"
 CORRUPT_REASON = "state_file_corrupt"
+ALL = object()          # clear(): every halt
 
 
 def iso(ms):
@@ -48,149 +60,227 @@ class Halt:
     reason: str
     request: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
     generation: int = 0
+    account: str = None               # None: the whole gateway
+    detail: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
 
     def public(self):
-        return {"since": self.since, "cooldownUntil": self.cooldown_until,
-                "reason": self.reason, "request": dict(self.request)}
+        return {"since": self.since, "cooldownUntil": self.cooldown_until, "reason": self.reason,
+                "request": dict(self.request), "account": self.account, "detail": dict(self.detail)}
 
 
 class Guard:
-    def __init__(self, config, *, bus=None, notifier=None, state_file=None,
+    def __init__(self, config, *, bus=None, notifier=None, alerts=None, state_file=None,
                  clock=time.time, timer_factory=threading.Timer):
         self.config = config
         self._bus = bus
         self._notifier = notifier
+        self._alerts = alerts
         self._file = state_file
         self._clock = clock
         self._timer_factory = timer_factory
         self._lock = threading.Lock()
-        self._halt = None
+        self._halts = {}                 # key (None or account) -> Halt
+        self._timers = {}                # key -> Timer
+        self._levels = {}                # (key, metric) -> "warn" | "halt": crossings seen
         self._generation = 0
-        self._timer = None
         self._file_sig = None
-        self._last_warn_notify = None
-        self.halts = 0
+        self._last_warn_notify = {}      # reason -> clock seconds
+        self.trips = {}                  # reason -> halts so far
         self.warnings = 0
 
     @property
+    def halts_count(self):
+        return sum(self.trips.values())
+
+    @property
     def halting(self):
+        """Does the overage trip halt (rather than warn or nothing)?"""
         return self.config.enabled and self.config.behavior == "halt"
 
     def _now_ms(self):
         return int(self._clock() * 1000)
 
+    def _key(self, account):
+        return account if self.config.scope == "account" else None
+
     # -- the request path --------------------------------------------------------
 
-    def check(self):
-        """The current halt, or None. Called right before a guarded upstream send."""
-        if not self.halting:
-            return None
+    def check(self, account=None):
+        """The halt blocking this account's request, or None. Called right before sending."""
         actions = []
         with self._lock:
             self._sync_locked(actions)
-            halt = self._halt
+            halt = self._halts.get(None) or (self._halts.get(account) if account is not None else None)
         _run(actions)
         return halt
 
-    def observe(self, bucket, request):
-        """A response's headers arrived with this billing bucket; trip if it is not ours.
+    def observe(self, rate, request):
+        """A response's headers arrived: trip on what its rate-limit headers say.
 
-        `request` holds {timestamp, model, account, claim, path, requestId}.
-        Returns the new Halt when this response halted the gateway, else None.
+        `rate` is `billing.parse_ratelimit()`'s dict; `request` holds {timestamp, model,
+        account, claim, path, requestId}. Returns a new Halt if this response made one.
         """
-        if not self.config.enabled or bucket not in billing.NON_SUBSCRIPTION:
+        config = self.config
+        checks = bool(config.utilization) or any(config.unified_status.values())
+        overage = config.enabled and rate["bucket"] in billing.NON_SUBSCRIPTION
+        if not overage and not checks:
             return None
+        key = self._key(request.get("account"))
+        actions, halt = [], None
+        with self._lock:
+            self._sync_locked(actions)
+            if overage:
+                if config.behavior == "warn":
+                    self._warn_locked(OVERAGE, request, {"claim": rate["claim"]}, actions)
+                elif key not in self._halts:
+                    halt = self._halt_locked(OVERAGE, request, actions, key=key,
+                                             detail={"claim": rate["claim"]})
+            for metric, (warn, stop) in config.utilization.items():
+                value = rate.get(metric)
+                if value is not None:
+                    level = "halt" if stop is not None and value >= stop else \
+                        "warn" if warn is not None and value >= warn else None
+                    detail = {"metric": metric, "value": value, "threshold": stop if level == "halt" else warn}
+                    halt = self._cross_locked(key, metric, level, UTILIZATION, UTILIZATION, request,
+                                              detail, actions) or halt
+            status = rate.get("unifiedStatus")
+            if any(config.unified_status.values()):
+                level = ("halt" if status in config.unified_status["halt"] else
+                         "warn" if status in config.unified_status["warn"] else None)
+                halt = self._cross_locked(key, "unifiedStatus", level, STATUS_WARNING, STATUS_REJECTED,
+                                          request, {"status": status}, actions) or halt
+        _run(actions)
+        return halt
+
+    def cross(self, account, metric, level, request, detail, warn_reason, halt_reason, cooldown_until=None):
+        """A threshold trip from outside (budgets): fire on an upward crossing of `level`."""
         actions = []
         with self._lock:
-            if self.config.behavior == "warn":
-                self._warn_locked(request, actions)
-                halt = None
-            else:
-                self._sync_locked(actions)
-                if self._halt is not None:
-                    halt = None             # fires once; the record still shows the claim
-                else:
-                    halt = self._halt_locked("overage_detected", request, actions)
+            halt = self._cross_locked(self._key(account), metric, level, warn_reason, halt_reason,
+                                      request, detail, actions, cooldown_until)
         _run(actions)
         return halt
+
+    def _cross_locked(self, key, metric, level, warn_reason, halt_reason, request, detail, actions,
+                      cooldown_until=None):
+        rank = {None: 0, "warn": 1, "halt": 2}
+        previous = self._levels.get((key, metric))
+        if level is None:
+            self._levels.pop((key, metric), None)
+            return None
+        self._levels[(key, metric)] = level
+        if rank[level] <= rank[previous]:
+            return None                     # once per crossing
+        if level == "warn":
+            self._warn_locked(warn_reason, request, detail, actions)
+            return None
+        if key in self._halts:
+            return None
+        return self._halt_locked(halt_reason, request, actions, key=key, detail=detail,
+                                 cooldown_until=cooldown_until)
 
     # -- reading and resuming ----------------------------------------------------
 
-    def snapshot(self):
-        """The current halt (immutable), after noticing changes by sibling gateways."""
-        return self.check() if self.halting else None
-
-    def clear(self, reason="manual"):
-        """Back to normal. Returns (was_halted, resumed_at_ms); a no-op when not halted."""
+    def halts(self):
+        """Every current halt (immutable), after noticing changes by sibling gateways."""
         actions = []
         with self._lock:
             self._sync_locked(actions)
-            was_halted = self._halt is not None
-            resumed_at = self._now_ms()
-            if was_halted:
-                self._clear_locked(reason, actions, resumed_at)
+            halts = tuple(sorted(self._halts.values(), key=lambda h: (h.account is not None, h.since)))
         _run(actions)
-        return was_halted, resumed_at
+        return halts
+
+    def snapshot(self):
+        """The gateway-wide halt, else the oldest account halt, else None."""
+        halts = self.halts()
+        return halts[0] if halts else None
+
+    def clear(self, reason="manual", account=ALL):
+        """Back to normal (all halts, or one account's). Returns (was_halted, resumed_at_ms)."""
+        actions = []
+        with self._lock:
+            self._sync_locked(actions)
+            resumed_at = self._now_ms()
+            keys = list(self._halts) if account is ALL else [k for k in (account,) if k in self._halts]
+            for key in keys:
+                self._clear_locked(key, reason, actions, resumed_at)
+            if keys:
+                self._save_locked(actions)
+        _run(actions)
+        return bool(keys), resumed_at
 
     def start(self):
-        """Pick up a halt saved by an earlier run (or a sibling gateway)."""
+        """Pick up halts saved by an earlier run (or a sibling gateway)."""
         if self._file is None:
             return
         actions = []
         with self._lock:
             status, data = self._file.read()
             self._file_sig = self._file.signature()
-            if status == ABSENT:
-                pass
-            elif not self.halting:
-                mode = "disabled" if not self.config.enabled else "in warn mode"
-                self._remove_file_locked()
-                actions.append(lambda: log.warning(
-                    "a saved halt was found in %s and cleared because the overage guard is %s",
-                    self._file.path, mode))
-            elif status == CORRUPT:
+            if status == CORRUPT:
                 self._fail_closed_locked(data, actions)
-            elif data.get("cooldownUntil") is not None and data["cooldownUntil"] <= self._now_ms():
-                self._remove_file_locked()
-                actions.append(lambda: log.warning(
-                    "the saved halt from %s expired at %s; cleared as cooldown",
-                    iso(data["since"]), iso(data["cooldownUntil"])))
-            else:
-                halt = self._adopt_locked(data, actions)
-                actions.append(lambda: log.warning(
-                    "STARTING HALTED: a halt saved at %s is still active (%s). %s",
-                    iso(halt.since), _cause(halt), _how_to_resume(halt)))
+            elif status != ABSENT:
+                kept = [h for h in data if self._honoured(h, actions)]
+                for saved in kept:
+                    until = saved.get("cooldownUntil")
+                    if until is not None and until <= self._now_ms():
+                        actions.append(lambda s=saved: log.warning(
+                            "the saved halt from %s expired at %s; cleared as cooldown",
+                            iso(s["since"]), iso(s["cooldownUntil"])))
+                        continue
+                    halt = self._adopt_locked(saved, actions)
+                    actions.append(lambda h=halt: log.warning(
+                        "STARTING HALTED: a halt saved at %s is still active (%s). %s",
+                        iso(h.since), _cause(h), _how_to_resume(h)))
+                if len(self._halts) != len(data):
+                    self._save_locked(actions)
         _run(actions)
 
+    def _honoured(self, saved, actions):
+        """Keep a saved halt only if the current settings would have made it."""
+        if saved.get("reason", OVERAGE) != OVERAGE or self.halting:
+            return True
+        mode = "disabled" if not self.config.enabled else "in warn mode"
+        actions.append(lambda: log.warning(
+            "a saved halt was found in %s and cleared because the overage guard is %s",
+            self._file.path, mode))
+        return False
+
     def reconfigure(self, config):
-        """New settings (config reload). A halt the new settings would not keep is cleared."""
+        """New settings (config reload). An overage halt they would not make is cleared."""
         actions = []
         with self._lock:
             self.config = config
-            if self._halt is not None and not self.halting:
-                self._clear_locked("config", actions)
+            if not self.halting:
+                stale = [k for k, h in self._halts.items() if h.reason == OVERAGE]
+                for key in stale:
+                    self._clear_locked(key, "config", actions)
+                if stale:
+                    self._save_locked(actions)
         _run(actions)
 
     def close(self):
         with self._lock:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
+            for timer in self._timers.values():
+                timer.cancel()
+            self._timers.clear()
 
     # -- transitions (all called with the lock held) -----------------------------
 
-    def _halt_locked(self, reason, request, actions, since=None, cooldown_until=None, persist=True):
+    def _halt_locked(self, reason, request, actions, key=None, detail=None, since=None,
+                     cooldown_until=None, persist=True):
         self._generation += 1
         since = self._now_ms() if since is None else since
-        if cooldown_until is None and self.config.cooldown_ms > 0 and persist:
+        if persist and cooldown_until is None and self.config.cooldown_ms > 0:
             cooldown_until = since + self.config.cooldown_ms
-        halt = Halt(since, cooldown_until, reason, MappingProxyType(dict(request)), self._generation)
-        self._halt = halt
-        self.halts += 1
+        halt = Halt(since, cooldown_until, reason, MappingProxyType(dict(request)), self._generation,
+                    key, MappingProxyType(dict(detail or {})))
+        self._halts[key] = halt
+        self.trips[reason] = self.trips.get(reason, 0) + 1
         if halt.cooldown_until is not None:
             self._start_timer_locked(halt)
         if persist:
-            self._save_locked(halt, actions)
+            self._save_locked(actions)
         self._publish("overage_halt", halt.public())
         actions.append(lambda: self._announce_halt(halt))
         return halt
@@ -198,59 +288,62 @@ class Guard:
     def _adopt_locked(self, data, actions):
         """Take over a halt read from the state file (restart or sibling gateway)."""
         request = data.get("request") if isinstance(data.get("request"), dict) else {}
-        return self._halt_locked(str(data.get("reason", "overage_detected"))[:64], request, actions,
-                                 since=data["since"], cooldown_until=data.get("cooldownUntil"),
-                                 persist=False)
+        detail = data.get("detail") if isinstance(data.get("detail"), dict) else {}
+        account = data.get("account") if isinstance(data.get("account"), str) else None
+        return self._halt_locked(str(data.get("reason", OVERAGE))[:64], request, actions, key=account,
+                                 detail=detail, since=data["since"],
+                                 cooldown_until=data.get("cooldownUntil"), persist=False)
 
     def _fail_closed_locked(self, detail, actions):
-        halt = self._halt_locked(CORRUPT_REASON, {"detail": str(detail)[:200]}, actions,
-                                 cooldown_until=None, persist=False)
         # No cooldown for a state we cannot read: only a person should clear it.
+        self._halt_locked(CORRUPT_REASON, {}, actions, detail={"error": str(detail)[:200]}, persist=False)
         actions.append(lambda: log.error(
             "the saved guard state %s is unreadable (%s); staying halted until `dario resume`",
             self._file.path, detail))
-        return halt
 
-    def _clear_locked(self, reason, actions, resumed_at=None):
-        halt = self._halt
-        self._halt = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._remove_file_locked(actions)
+    def _clear_locked(self, key, reason, actions, resumed_at=None):
+        halt = self._halts.pop(key)
+        timer = self._timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
         resumed_at = self._now_ms() if resumed_at is None else resumed_at
-        event = {"reason": reason, "previousSince": halt.since, "resumedAt": resumed_at}
+        event = {"reason": reason, "previousSince": halt.since, "resumedAt": resumed_at,
+                 "account": halt.account, "previousReason": halt.reason}
         self._publish("overage_resume", event)
-        actions.append(lambda: log.warning("RESUMED (%s) at %s after a halt since %s",
-                                           reason, iso(resumed_at), iso(halt.since)))
+        actions.append(lambda: self._announce_resume(halt, event))
 
-    def _warn_locked(self, request, actions):
+    def _warn_locked(self, reason, request, detail, actions):
         self.warnings += 1
         now = self._clock()
-        event = {"timestamp": self._now_ms(), "reason": "overage_detected", "request": dict(request)}
+        event = {"timestamp": self._now_ms(), "reason": reason, "request": dict(request),
+                 "detail": dict(detail or {})}
         self._publish("overage_warn", event)
-        notify = self._last_warn_notify is None or now - self._last_warn_notify >= WARN_NOTIFY_INTERVAL_S
+        last = self._last_warn_notify.get(reason)
+        notify = last is None or now - last >= WARN_NOTIFY_INTERVAL_S
         if notify:
-            self._last_warn_notify = now
-        actions.append(lambda: self._announce_warn(request, notify))
+            self._last_warn_notify[reason] = now
+        actions.append(lambda: self._announce_warn(event, notify))
 
     def _start_timer_locked(self, halt):
-        if self._timer is not None:
-            self._timer.cancel()
+        old = self._timers.pop(halt.account, None)
+        if old is not None:
+            old.cancel()
         delay = max(0.0, (halt.cooldown_until - self._now_ms()) / 1000)
-        timer = self._timer_factory(delay, self._on_cooldown, args=(halt.generation,))
+        timer = self._timer_factory(delay, self._on_cooldown, args=(halt.account, halt.generation))
         timer.daemon = True        # a Timer inherits the daemon flag of its creator; be explicit
         timer.name = f"dario-cooldown-{halt.generation}"
-        self._timer = timer
+        self._timers[halt.account] = timer
         timer.start()
 
-    def _on_cooldown(self, generation):
+    def _on_cooldown(self, key, generation):
         actions = []
         with self._lock:
             self._sync_locked(actions)
-            if self._halt is not None and self._halt.generation == generation:
-                self._timer = None
-                self._clear_locked("cooldown", actions)
+            halt = self._halts.get(key)
+            if halt is not None and halt.generation == generation:
+                self._timers.pop(key, None)
+                self._clear_locked(key, "cooldown", actions)
+                self._save_locked(actions)
         _run(actions)
 
     # -- the shared state file ---------------------------------------------------
@@ -264,45 +357,50 @@ class Guard:
             return
         self._file_sig = sig
         status, data = self._file.read()
-        if status == ABSENT:
-            if self._halt is not None:
-                self._clear_locked("external", actions)
-        elif status == CORRUPT:
-            if self._halt is None or self._halt.reason != CORRUPT_REASON:
+        if status == CORRUPT:
+            if self._halts.get(None) is None or self._halts[None].reason != CORRUPT_REASON:
+                if None in self._halts:
+                    self._clear_locked(None, "replaced", actions)
                 self._fail_closed_locked(data, actions)
-        elif self._halt is None or self._halt.since != data["since"]:
+            return
+        saved = {} if status == ABSENT else {h.get("account"): h for h in data}
+        for key in [k for k in self._halts if k not in saved]:
+            self._clear_locked(key, "external", actions)
+        now = self._now_ms()
+        for key, data in saved.items():
+            current = self._halts.get(key)
+            if current is not None and current.since == data["since"]:
+                continue
+            if data.get("reason", OVERAGE) == OVERAGE and not self.halting:
+                continue
             until = data.get("cooldownUntil")
-            if until is None or until > self._now_ms():
-                halt = self._adopt_locked(data, actions)
-                actions.append(lambda: log.warning("halt shared by another gateway using %s",
-                                                   self._file.path))
-            elif self._halt is not None:
-                self._clear_locked("cooldown", actions)
+            if until is not None and until <= now:
+                if current is not None:
+                    self._clear_locked(key, "cooldown", actions)
+                continue
+            if current is not None:
+                self._clear_locked(key, "replaced", actions)
+            self._adopt_locked(data, actions)
+            actions.append(lambda: log.warning("halt shared by another gateway using %s", self._file.path))
 
-    def _save_locked(self, halt, actions):
+    def _save_locked(self, actions):
         if self._file is None:
             return
         try:
-            self._file_sig = self._file.write(halt.public())
+            if self._halts:
+                self._file_sig = self._file.write([h.public() for h in self._halts.values()])
+            else:
+                self._file_sig = self._file.remove()
         except OSError as err:
             why = err.strerror or str(err)     # `err` is unbound once the except block ends
-            actions.append(lambda: log.error(
-                "COULD NOT SAVE THE HALT to %s (%s): it holds in memory only and will not "
-                "survive a restart", self._file.path, why))
-
-    def _remove_file_locked(self, actions=None):
-        if self._file is None:
-            return
-        try:
-            self._file_sig = self._file.remove()
-        except OSError as err:
-            why = err.strerror or str(err)
-            message = ("could not remove %s (%s): a restart would start halted again; "
-                       "delete it by hand")
-            if actions is None:
-                log.error(message, self._file.path, why)
+            if self._halts:
+                actions.append(lambda: log.error(
+                    "COULD NOT SAVE THE HALT to %s (%s): it holds in memory only and will not "
+                    "survive a restart", self._file.path, why))
             else:
-                actions.append(lambda: log.error(message, self._file.path, why))
+                actions.append(lambda: log.error(
+                    "could not remove %s (%s): a restart would start halted again; delete it by hand",
+                    self._file.path, why))
 
     def _publish(self, name, data):
         if self._bus is not None:
@@ -310,19 +408,33 @@ class Guard:
 
     # -- telling people ----------------------------------------------------------
 
+    def _alert(self, kind, event):
+        if self._alerts is not None:
+            self._alerts.send(dict(event, event=kind))
+
     def _announce_halt(self, halt):
-        log.warning("OVERAGE GUARD HALTED at %s: %s. New requests get 503. %s",
-                    iso(halt.since), _cause(halt), _how_to_resume(halt))
+        scope = "" if halt.account is None else f" for account {halt.account}"
+        name = "OVERAGE GUARD" if halt.reason == OVERAGE else "GUARD"
+        log.warning("%s HALTED%s at %s (%s): %s. New requests get 503. %s", name, scope, iso(halt.since),
+                    halt.reason, _cause(halt), _how_to_resume(halt))
         if self._notifier is not None:
             self._notifier.notify("dario halted", f"{_cause(halt)}. Run dario resume to continue.")
+        self._alert("halt", halt.public())
 
-    def _announce_warn(self, request, notify):
-        log.warning("OVERAGE WARNING: %s (account %s) was billed as %r; still forwarding "
-                    "(behavior: warn)", request.get("model"), request.get("account"),
-                    request.get("claim"))
+    def _announce_resume(self, halt, event):
+        scope = "" if halt.account is None else f" for account {halt.account}"
+        log.warning("RESUMED%s (%s) at %s after a halt since %s", scope, event["reason"],
+                    iso(event["resumedAt"]), iso(halt.since))
+        self._alert("resume", event)
+
+    def _announce_warn(self, event, notify):
+        request = event["request"]
+        log.warning("GUARD WARNING (%s): %s for %s (account %s); still forwarding", event["reason"],
+                    _detail_text(event["reason"], event["detail"], request), request.get("model"),
+                    request.get("account"))
         if notify and self._notifier is not None:
-            self._notifier.notify("dario warning",
-                                  f"{request.get('model')} billed as {request.get('claim')}")
+            self._notifier.notify("dario warning", _detail_text(event["reason"], event["detail"], request))
+        self._alert("warn", event)
 
 
 def _run(actions):
@@ -330,36 +442,54 @@ def _run(actions):
         action()
 
 
+def _detail_text(reason, detail, request):
+    if reason == OVERAGE:
+        return f"billed as {request.get('claim')!r}, outside the subscription"
+    if reason == UTILIZATION:
+        return f"{detail.get('metric')} at {detail.get('value'):.0%} (threshold {detail.get('threshold'):.0%})"
+    if reason in (STATUS_REJECTED, STATUS_WARNING):
+        return f"unified rate-limit status {detail.get('status')!r}"
+    if reason in (BUDGET, BUDGET_WARNING):
+        return (f"spend ${detail.get('spentUsd', 0):.2f} of the ${detail.get('budgetUsd', 0):.2f} "
+                f"budget per {detail.get('window')} for {detail.get('budgetAccount')}")
+    if reason == "budget_ledger_error":
+        return f"the spend ledger is unusable ({detail.get('error')})"
+    return reason
+
+
 def _cause(halt):
     request = halt.request
     if halt.reason == CORRUPT_REASON:
-        return f"the saved guard state could not be read ({request.get('detail')})"
-    return (f"{request.get('model') or 'a request'} (account {request.get('account')}) "
-            f"was billed as {request.get('claim')!r}, outside the subscription")
+        return f"the saved guard state could not be read ({halt.detail.get('error')})"
+    if halt.reason == OVERAGE:
+        return (f"{request.get('model') or 'a request'} (account {request.get('account')}) "
+                f"was billed as {request.get('claim')!r}, outside the subscription")
+    return _detail_text(halt.reason, halt.detail, request)
 
 
 def _how_to_resume(halt):
+    flag = "" if halt.account is None else f" --account={halt.account}"
     if halt.cooldown_until is None:
-        return "Run `dario resume` to continue (automatic resume is off)."
-    return f"Run `dario resume`, or wait for the automatic resume at {iso(halt.cooldown_until)}."
+        return f"Run `dario resume{flag}` to continue (automatic resume is off)."
+    return f"Run `dario resume{flag}`, or wait for the automatic resume at {iso(halt.cooldown_until)}."
 
 
 def blocked_response(halt, now_ms):
     """(headers, body) of the 503 a guarded request gets while halted."""
     headers = {"x-should-retry": "false"}
-    if halt.reason == CORRUPT_REASON:
-        message = ("dario halted because its saved guard state could not be read "
-                   f"({halt.request.get('detail')}). To resume: run `dario resume` in another terminal.")
-    else:
+    flag = "" if halt.account is None else f" --account={halt.account}"
+    if halt.reason == OVERAGE:
         message = ("dario halted to prevent API-rate bleed. A request was classified as "
                    f"'{halt.request.get('claim')}' (non-subscription billing) instead of your "
                    "subscription pool. ")
-        if halt.cooldown_until is not None:
-            message += (f"To resume: run `dario resume` in another terminal, or wait until "
-                        f"{iso(halt.cooldown_until)} for the cooldown to auto-clear.")
-        else:
-            message += "To resume: run `dario resume` in another terminal (automatic resume is off)."
+    else:
+        message = f"dario halted ({halt.reason}): {_cause(halt)}. "
     if halt.cooldown_until is not None:
+        message += (f"To resume: run `dario resume{flag}` in another terminal, or wait until "
+                    f"{iso(halt.cooldown_until)} for the cooldown to auto-clear.")
         headers["Retry-After"] = str(max(1, math.ceil((halt.cooldown_until - now_ms) / 1000)))
-    body = {"type": "error", "error": {"type": "dario_overage_guard", "message": message}}
+    else:
+        message += f"To resume: run `dario resume{flag}` in another terminal (automatic resume is off)."
+    kind = "dario_overage_guard" if halt.reason == OVERAGE else "dario_guard"
+    body = {"type": "error", "error": {"type": kind, "message": message, "reason": halt.reason}}
     return headers, body

@@ -22,7 +22,7 @@ from http.server import BaseHTTPRequestHandler
 
 from . import __version__, analytics, exposure, wire
 from .events import Subscription, TooManySubscribers
-from .guard import iso
+from .guard import ALL, iso
 from .relay import Exchange
 
 log = logging.getLogger(__name__)
@@ -258,16 +258,24 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_resume_state(self):
         guard = self.server.guard
-        halt = guard.snapshot()
-        self.send_json(200, {"halted": halt is not None, "state": halt.public() if halt else None,
-                             "config": guard.config.public()})
+        halts = guard.halts()
+        self.send_json(200, {"halted": bool(halts), "state": halts[0].public() if halts else None,
+                             "halts": [halt.public() for halt in halts], "config": guard.config.public()})
 
     def do_resume(self):
         content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
         if content_type != "application/json":
             raise wire.HttpError(415, "POST /admin/resume needs Content-Type: application/json")
-        self.read_body(wire.body_framing(self.headers, ADMIN_BODY_LIMIT), ADMIN_BODY_LIMIT)
-        was_halted, resumed_at = self.server.guard.clear("manual")
+        body = self.read_body(wire.body_framing(self.headers, ADMIN_BODY_LIMIT), ADMIN_BODY_LIMIT)
+        try:
+            request = json.loads(body) if body.strip() else {}
+        except ValueError:
+            raise wire.HttpError(400, "POST /admin/resume takes a JSON object, e.g. {} or "
+                                      '{"account": "LABEL"}') from None
+        account = request.get("account") if isinstance(request, dict) else None
+        if account is not None and not isinstance(account, str):
+            raise wire.HttpError(400, '"account" must be an account label')
+        was_halted, resumed_at = self.server.guard.clear("manual", ALL if account is None else account)
         self.send_json(200, {"ok": True, "wasHalted": was_halted, "resumedAt": iso(resumed_at)})
 
     def do_analytics_stream(self):
@@ -288,9 +296,7 @@ class Handler(BaseHTTPRequestHandler):
                     "Transfer-Encoding: chunked\r\nConnection: close\r\n"
                     + "".join(f"{n}: {v}\r\n" for n, v in self.cors_headers()) + "\r\n")
             frames = [sse_frame("record", record) for record in backlog]
-            halt = server.guard.snapshot()
-            if halt is not None:
-                frames.append(sse_frame("overage_halt", halt.public()))
+            frames += [sse_frame("overage_halt", halt.public()) for halt in server.guard.halts()]
             self.responded = True
             self.wfile.write(head.encode("latin-1") + (wire.chunk(b"".join(frames)) if frames else b""))
             while True:

@@ -122,7 +122,7 @@ class Exchange:
         headers, credential = upstream_headers(self.h)
         self.record["account"] = account_label(self.server.account_aliases, credential)
         if self.path in guard_mod.BLOCKED_PATHS:
-            halt = self.server.guard.check()
+            halt = self.server.guard.check(self.record["account"])
             if halt is not None:
                 extra, body = guard_mod.blocked_response(halt, int(self.server.clock() * 1000))
                 self.finish(503, "halted")          # recorded before the client can see it
@@ -141,7 +141,7 @@ class Exchange:
         rate = billing.parse_ratelimit(resp.headers.get, self.server.settings.guard.subscription_claims)
         self.record.update(rate)
         self.record["requestId"] = _printable(resp.headers.get("request-id"))
-        self.server.guard.observe(rate["bucket"], {
+        self.server.guard.observe(rate, {
             "timestamp": self.record["timestamp"], "model": self.record["model"],
             "account": self.record["account"], "claim": rate["claim"], "path": self.path,
             "requestId": self.record["requestId"]})

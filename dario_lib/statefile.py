@@ -27,7 +27,7 @@ class StateFile:
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def read(self):
-        """(ABSENT, None), (OK, dict) or (CORRUPT, reason)."""
+        """(ABSENT, None), (OK, [halt dicts]) or (CORRUPT, reason)."""
         try:
             with open(self.path, encoding="utf-8") as fh:
                 text = fh.read()
@@ -39,15 +39,25 @@ class StateFile:
             data = json.loads(text)
         except ValueError as err:
             return CORRUPT, f"not valid JSON ({err})"
-        if not isinstance(data, dict) or not isinstance(data.get("since"), int):
+        if isinstance(data, dict) and "since" in data:
+            data = {"halts": [data]}             # one halt, as written before account scopes
+        halts = data.get("halts") if isinstance(data, dict) else None
+        if not isinstance(halts, list):
             return CORRUPT, "not a saved halt"
-        until = data.get("cooldownUntil")
-        if until is not None and (isinstance(until, bool) or not isinstance(until, int)):
-            return CORRUPT, "cooldownUntil is not a time"
-        return OK, data
+        for halt in halts:
+            if not isinstance(halt, dict) or isinstance(halt.get("since"), bool) \
+                    or not isinstance(halt.get("since"), int):
+                return CORRUPT, "not a saved halt"
+            until = halt.get("cooldownUntil")
+            if until is not None and (isinstance(until, bool) or not isinstance(until, int)):
+                return CORRUPT, "cooldownUntil is not a time"
+            if halt.get("account") is not None and not isinstance(halt.get("account"), str):
+                return CORRUPT, "account is not a label"
+        return OK, halts
 
-    def write(self, data):
-        """Save atomically; returns the new signature. Raises OSError on failure."""
+    def write(self, halts):
+        """Save the halts atomically; returns the new signature. Raises OSError on failure."""
+        data = {"halts": halts}
         folder = os.path.dirname(self.path) or "."
         os.makedirs(folder, mode=0o700, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".guard-state-", suffix=".tmp", dir=folder)

@@ -155,9 +155,13 @@ KEYS = st.sampled_from([k.name for k in config.SCHEMA] + ["upstream", "overageGu
 def test_sanitize_keeps_only_valid_values(raw):
     nested = {}
     for name, value in raw.items():
-        nested = config.with_value(nested, name, value) if value is not None else nested
+        node = nested
+        *parents, leaf = name.split(".")
+        for part in parents:
+            node = node.setdefault(part, {}) if isinstance(node.get(part, {}), dict) else node
+        node[leaf] = value
     values, warnings = config.sanitize(nested)
     for name, value in values.items():
         key = config.SCHEMA_BY_NAME[name]
-        assert key.kind.check(config._plain(value)) == value
+        assert key.kind.check(config._plain(value, key.kind)) == value
     config.resolve({}, {"DARIO_HOME": "/nonexistent"}, config.FileConfig("x", "file", nested, values))

@@ -19,6 +19,10 @@ REQUEST = {"timestamp": 1, "model": "claude-opus-4-5", "account": "key:abcd1234"
            "path": "/v1/messages", "requestId": "req_1"}
 
 
+def rate(bucket, claim="overage", **values):
+    return {"bucket": bucket, "claim": claim, **values}
+
+
 class Rig:
     def __init__(self, tmp_path, **config):
         self.clock = FakeClock()
@@ -46,17 +50,17 @@ def rig(tmp_path):
 
 def test_subscription_and_unknown_never_trip(rig):
     for bucket in ("subscription", "subscription_fallback", "unknown"):
-        assert rig.guard.observe(bucket, REQUEST) is None
+        assert rig.guard.observe(rate(bucket), REQUEST) is None
     assert rig.guard.check() is None and rig.drain_events() == []
 
 
 @pytest.mark.parametrize("bucket", ["extra_usage", "api", "other"])
 def test_non_subscription_halts_once(rig, bucket):
-    halt = rig.guard.observe(bucket, REQUEST)
+    halt = rig.guard.observe(rate(bucket), REQUEST)
     assert halt is not None and rig.guard.check() == halt
     assert halt.since == 1_700_000_000_000 and halt.cooldown_until == halt.since + 1_800_000
-    assert halt.reason == "overage_detected" and dict(halt.request) == REQUEST
-    assert rig.guard.observe(bucket, REQUEST) is None          # fires once
+    assert halt.reason == "overage_detected" and dict(halt.request) == REQUEST and halt.account is None
+    assert rig.guard.observe(rate(bucket), REQUEST) is None          # fires once
     events = rig.drain_events()
     assert [name for name, _ in events] == ["overage_halt"]
     assert events[0][1] == halt.public()
@@ -66,20 +70,21 @@ def test_non_subscription_halts_once(rig, bucket):
 
 
 def test_manual_resume_cancels_timer_and_emits(rig):
-    halt = rig.guard.observe("extra_usage", REQUEST)
+    halt = rig.guard.observe(rate("extra_usage"), REQUEST)
     rig.clock.advance(5)
     was, resumed_at = rig.guard.clear("manual")
     assert was is True and resumed_at == halt.since + 5000
     assert rig.timers.last.cancelled
     assert rig.guard.check() is None
     assert rig.drain_events()[-1] == ("overage_resume", {
-        "reason": "manual", "previousSince": halt.since, "resumedAt": resumed_at})
+        "reason": "manual", "previousSince": halt.since, "resumedAt": resumed_at, "account": None,
+        "previousReason": "overage_detected"})
     assert rig.guard.clear("manual")[0] is False                # no-op, no event
     assert rig.drain_events() == []
 
 
 def test_cooldown_clears(rig):
-    rig.guard.observe("extra_usage", REQUEST)
+    rig.guard.observe(rate("extra_usage"), REQUEST)
     rig.clock.advance(1800)
     rig.timers.last.fire()
     assert rig.guard.check() is None
@@ -88,10 +93,10 @@ def test_cooldown_clears(rig):
 
 
 def test_stale_timer_cannot_clear_a_newer_halt(rig):
-    rig.guard.observe("extra_usage", REQUEST)
+    rig.guard.observe(rate("extra_usage"), REQUEST)
     old_timer = rig.timers.last
     rig.guard.clear("manual")
-    newer = rig.guard.observe("api", REQUEST)
+    newer = rig.guard.observe(rate("api"), REQUEST)
     old_timer.fire()                     # fires late, after cancel()
     assert rig.guard.check() == newer
     rig.timers.last.fire()
@@ -100,7 +105,7 @@ def test_stale_timer_cannot_clear_a_newer_halt(rig):
 
 def test_cooldown_zero_means_manual_only(tmp_path):
     rig = Rig(tmp_path, cooldown_ms=0)
-    halt = rig.guard.observe("extra_usage", REQUEST)
+    halt = rig.guard.observe(rate("extra_usage"), REQUEST)
     assert halt.cooldown_until is None and rig.timers.timers == []
     headers, body = blocked_response(halt, halt.since)
     assert "Retry-After" not in headers
@@ -108,7 +113,7 @@ def test_cooldown_zero_means_manual_only(tmp_path):
 
 
 def test_blocked_response_says_how_to_resume(rig):
-    halt = rig.guard.observe("extra_usage", REQUEST)
+    halt = rig.guard.observe(rate("extra_usage"), REQUEST)
     headers, body = blocked_response(halt, halt.since + 10_000)
     assert headers == {"x-should-retry": "false", "Retry-After": "1790"}
     assert body["type"] == "error" and body["error"]["type"] == "dario_overage_guard"
@@ -121,25 +126,25 @@ def test_blocked_response_says_how_to_resume(rig):
 def test_warn_never_halts_and_notifies_once_a_minute(tmp_path):
     rig = Rig(tmp_path, behavior="warn")
     for _ in range(3):
-        assert rig.guard.observe("extra_usage", REQUEST) is None
+        assert rig.guard.observe(rate("extra_usage"), REQUEST) is None
     assert rig.guard.check() is None
     assert [n for n, _ in rig.drain_events()] == ["overage_warn"] * 3
     assert len(rig.notifier.calls) == 1
     rig.clock.advance(61)
-    rig.guard.observe("other", REQUEST)
+    rig.guard.observe(rate("other"), REQUEST)
     assert len(rig.notifier.calls) == 2 and rig.guard.warnings == 4
 
 
 def test_disabled_detects_nothing(tmp_path):
     rig = Rig(tmp_path, enabled=False)
-    assert rig.guard.observe("extra_usage", REQUEST) is None
+    assert rig.guard.observe(rate("extra_usage"), REQUEST) is None
     assert rig.guard.check() is None and rig.drain_events() == [] and rig.notifier.calls == []
 
 
 def test_halt_is_saved_privately_and_removed_on_resume(rig):
-    halt = rig.guard.observe("extra_usage", REQUEST)
+    halt = rig.guard.observe(rate("extra_usage"), REQUEST)
     saved = json.loads(open(rig.file.path).read())
-    assert saved == halt.public()
+    assert saved == {"halts": [halt.public()]}
     assert stat.S_IMODE(os.stat(rig.file.path).st_mode) == 0o600
     rig.guard.clear()
     assert not os.path.exists(rig.file.path)
@@ -147,7 +152,7 @@ def test_halt_is_saved_privately_and_removed_on_resume(rig):
 
 def test_restart_keeps_halt_and_its_cooldown_end(tmp_path):
     first = Rig(tmp_path)
-    halt = first.guard.observe("extra_usage", REQUEST)
+    halt = first.guard.observe(rate("extra_usage"), REQUEST)
     second = Rig(tmp_path)
     second.clock.advance(600)
     second.guard.start()
@@ -158,7 +163,7 @@ def test_restart_keeps_halt_and_its_cooldown_end(tmp_path):
 
 
 def test_restart_after_expiry_clears_as_cooldown(tmp_path):
-    Rig(tmp_path).guard.observe("extra_usage", REQUEST)
+    Rig(tmp_path).guard.observe(rate("extra_usage"), REQUEST)
     later = Rig(tmp_path)
     later.clock.advance(1801)
     later.guard.start()
@@ -168,7 +173,7 @@ def test_restart_after_expiry_clears_as_cooldown(tmp_path):
 
 @pytest.mark.parametrize("config", [{"enabled": False}, {"behavior": "warn"}])
 def test_saved_halt_cleared_when_operator_chose_off_or_warn(tmp_path, config, caplog):
-    Rig(tmp_path).guard.observe("extra_usage", REQUEST)
+    Rig(tmp_path).guard.observe(rate("extra_usage"), REQUEST)
     later = Rig(tmp_path, **config)
     later.guard.start()
     assert later.guard.check() is None and not os.path.exists(later.file.path)
@@ -182,6 +187,7 @@ def test_corrupt_state_file_fails_closed_until_resume(tmp_path, content, caplog)
     rig.guard.start()
     halt = rig.guard.check()
     assert halt is not None and halt.reason == "state_file_corrupt" and halt.cooldown_until is None
+    assert (tmp_path / "guard-state.json").read_text() == content       # evidence kept
     assert "unreadable" in caplog.text
     _, body = blocked_response(halt, 0)
     assert "dario resume" in body["error"]["message"]
@@ -193,7 +199,7 @@ def test_sibling_gateways_share_halt_and_resume(tmp_path):
     a, b = Rig(tmp_path), Rig(tmp_path)
     a.guard.start()
     b.guard.start()
-    halt = a.guard.observe("extra_usage", REQUEST)
+    halt = a.guard.observe(rate("extra_usage"), REQUEST)
     seen = b.guard.check()
     assert seen is not None and seen.since == halt.since
     b.guard.clear("manual")
@@ -206,7 +212,7 @@ def test_unwritable_home_keeps_halt_in_memory_and_says_so(tmp_path, caplog):
     blocker.write_text("")
     rig = Rig(tmp_path)
     rig.guard._file = StateFile(str(blocker / "guard-state.json"))
-    halt = rig.guard.observe("extra_usage", REQUEST)
+    halt = rig.guard.observe(rate("extra_usage"), REQUEST)
     assert rig.guard.check() == halt
     assert "COULD NOT SAVE THE HALT" in caplog.text
 
@@ -220,7 +226,7 @@ def test_halt_resume_cooldown_races_stay_consistent(tmp_path_factory, ops):
     rig = Rig(tmp_path_factory.mktemp("race"))
     for op in ops:
         if op == "trip":
-            rig.guard.observe("extra_usage", REQUEST)
+            rig.guard.observe(rate("extra_usage"), REQUEST)
         elif op == "resume":
             rig.guard.clear("manual")
         elif op == "fire_last" and rig.timers.timers:
@@ -234,8 +240,8 @@ def test_halt_resume_cooldown_races_stay_consistent(tmp_path_factory, ops):
         on_disk = os.path.exists(rig.file.path)
         assert on_disk == (halt is not None)
         if halt is not None:
-            assert json.loads(open(rig.file.path).read())["since"] == halt.since
-            assert rig.guard._timer is not None and not rig.guard._timer.cancelled
+            assert json.loads(open(rig.file.path).read())["halts"][0]["since"] == halt.since
+            assert rig.guard._timers[None] is not None and not rig.guard._timers[None].cancelled
     events = [name for name, _ in rig.drain_events()]
     # Halts and resumes alternate, starting with a halt.
     for i, name in enumerate(events):

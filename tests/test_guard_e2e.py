@@ -181,7 +181,7 @@ def test_anthropic_sdk_gets_a_503_that_says_how_to_resume_and_does_not_retry(gat
 
 def test_admin_resume_endpoints(gateway):
     state = requests.get(url(gateway, "/admin/resume")).json()
-    assert state == {"halted": False, "state": None, "config": {
+    assert state == {"halted": False, "state": None, "halts": [], "config": {
         "enabled": True, "behavior": "halt", "cooldownMs": 1800000, "notifyOs": True}}
     post(gateway, headers=OVERAGE)
     state = requests.get(url(gateway, "/admin/resume")).json()
