@@ -22,13 +22,17 @@ Usage: python dario.py <command> [flags]      (or `dario <command>` once install
 
 Commands:
   proxy [flags]            run the gateway in the foreground (logs to stderr)
-  resume [--port=N]        clear an overage-guard halt on the running gateway
+  resume [--port=N] [--account=LABEL]
+                           clear the guard's halt on the running gateway (or only the
+                           halt of one account, with overageGuard.scope = account)
   status [--port=N] [--json]
                            guard state, config source, request counts, last claims
   config show              the effective file settings (with defaults) as JSON
   config path              where the config file lives
   config get KEY           one setting, e.g. overageGuard.cooldownMs
   config set KEY VALUE     validate and save one setting (atomic write)
+  notify-test              send a test event through every configured alert channel
+                           (bell, desktop, notifyCommand, notifyWebhook) and report
   demo                     watch the guard trip and clear against a simulated upstream
                            (offline, a few seconds; your own config is untouched)
   help, --help, -h         this text
@@ -54,6 +58,7 @@ Flags for `proxy` (flag > environment > config file > default):
 
 Flags for `resume` and `status`:
   --port=N                 the gateway's port (--port > DARIO_PORT > config > 3456)
+  --account=LABEL          (resume) clear only this account's halt
   --json                   (status) machine-readable output
 
 Environment:
@@ -154,11 +159,13 @@ def cmd_proxy(args):
 
 # -- resume and status --------------------------------------------------------------
 
-def _client_port(args, prog, extra=()):
+def _client_port(args, prog, extra=(), options=()):
     p = Parser(prog)
     p.add_argument("--port", dest="port")
     for flag in extra:
         p.add_argument(flag, action="store_true")
+    for flag in options:
+        p.add_argument(flag)
     opts = p.parse(args)
     flags = {"port": opts.port} if opts.port is not None else {}
     key = config.SCHEMA_BY_NAME["port"]
@@ -168,12 +175,13 @@ def _client_port(args, prog, extra=()):
 
 
 def cmd_resume(args):
-    opts, port = _client_port(args, "dario resume")
+    opts, port = _client_port(args, "dario resume", options=("--account",))
     if opts.help:
         print(HELP)
         return 0
+    body = {"account": opts.account} if opts.account else {}
     try:
-        status, text = Client(port).request("POST", "/admin/resume", {})
+        status, text = Client(port).request("POST", "/admin/resume", body)
     except GatewayDown:
         return _fail(f"No proxy running on localhost:{port}. Start one with `dario proxy` "
                      "(overage-guard state lives in the running proxy; there is nothing to "
@@ -251,6 +259,38 @@ def cmd_config(args):
     return 0
 
 
+# -- notify-test --------------------------------------------------------------------
+
+def cmd_notify_test(args):
+    if args and args[0] in ("-h", "--help"):
+        print(HELP)
+        return 0
+    if args:
+        raise UsageError(f"unknown argument for `dario notify-test`: {args[0]}")
+    _setup_logging()
+    from .alerts import Alerts
+    from .notify import Notifier
+    settings = config.resolve({}, os.environ)
+    for warning in settings.warnings:
+        log.warning("%s", warning)
+    event = {"event": "test", "reason": "notify_test", "message": "dario notify-test: alerts reach you"}
+    notifier = Notifier(settings.guard.notify_os)
+    notifier.notify("dario test", event["message"])
+    print("bell: rung on stderr")
+    print("desktop: " + ("sent (best effort; cannot be confirmed)" if settings.guard.notify_os
+                         else "off (overageGuard.notifyOs)"))
+    alerts = Alerts(settings.notify_command, settings.notify_webhook, origin="dario notify-test")
+    if not alerts.configured:
+        print("notifyCommand, notifyWebhook: not configured (see `dario config set notifyWebhook URL`)")
+        return 0
+    results = alerts.deliver(event)
+    for channel in ("command", "webhook"):
+        if channel in results:
+            ok, detail = results[channel]
+            print(f"{channel}: {'ok' if ok else 'FAILED'} ({detail})")
+    return 0 if all(ok for ok, _ in results.values()) else 1
+
+
 # -- demo ---------------------------------------------------------------------------
 
 def cmd_demo(args):
@@ -267,6 +307,7 @@ COMMANDS = {
     "status": cmd_status,
     "config": cmd_config,
     "demo": cmd_demo,
+    "notify-test": cmd_notify_test,
 }
 
 

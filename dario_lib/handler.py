@@ -20,7 +20,7 @@ import socket
 import time
 from http.server import BaseHTTPRequestHandler
 
-from . import __version__, analytics, exposure, wire
+from . import __version__, analytics, exposure, metrics, wire
 from .events import Subscription, TooManySubscribers
 from .guard import ALL, iso
 from .relay import Exchange
@@ -49,6 +49,7 @@ LOCAL = {
     ("GET", "/analytics/stream"): "analytics_stream",
     ("GET", "/admin/resume"): "resume_state",
     ("POST", "/admin/resume"): "resume",
+    ("GET", "/metrics"): "metrics",
 }
 LOCAL_PATHS = {path for _, path in LOCAL}
 
@@ -255,6 +256,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_analytics(self):
         self.send_json(200, analytics.report(self.server.store, self.server.clock))
+
+    def do_metrics(self):
+        self.send_bytes(200, metrics.render(self.server).encode(), "text/plain; version=0.0.4; charset=utf-8")
 
     def do_resume_state(self):
         guard = self.server.guard

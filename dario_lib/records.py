@@ -15,6 +15,7 @@ import logging
 import threading
 
 from . import pricing
+from .metrics import Histogram
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,9 @@ class RecordStore:
         self.per_model = {}
         self.per_account = {}
         self.last_claims = collections.deque(maxlen=10)
+        self.series = {}                 # (model, account, bucket, outcome) -> counters, for /metrics
+        self.latency = Histogram()
+        self.ttfb = Histogram()
 
     def add(self, record):
         """Number, keep, total, publish and log one record; returns it."""
@@ -107,6 +111,7 @@ class RecordStore:
             self.outcomes[record["outcome"]] = self.outcomes.get(record["outcome"], 0) + 1
             self._add_keyed(self.per_model, record.get("model") or "unknown", record)
             self._add_keyed(self.per_account, record.get("account") or "anonymous", record)
+            self._add_series(record)
             if record.get("claim") not in (None, "unknown"):
                 self.last_claims.append({"timestamp": record["timestamp"], "claim": record["claim"],
                                          "bucket": record.get("bucket")})
@@ -115,6 +120,26 @@ class RecordStore:
         if self._log is not None:
             self._log.write(record)
         return record
+
+    def _add_series(self, record):
+        key = (record.get("model") or "unknown", record.get("account") or "anonymous",
+               record.get("bucket") or "unknown", record["outcome"])
+        if key not in self.series and len(self.series) >= MAX_KEYS:
+            key = ("(other)", "(other)", key[2], key[3])
+        counters = self.series.setdefault(key, {"requests": 0, "inputTokens": 0, "outputTokens": 0,
+                                                "cacheReadTokens": 0, "cacheCreateTokens": 0, "costUsd": 0.0})
+        counters["requests"] += 1
+        for field in ("inputTokens", "outputTokens", "cacheReadTokens", "cacheCreateTokens", "costUsd"):
+            counters[field] += record.get(field) or 0
+        if record.get("latencyMs") is not None:
+            self.latency.observe(record["latencyMs"] / 1000)
+        if record.get("ttfbMs") is not None:
+            self.ttfb.observe(record["ttfbMs"] / 1000)
+
+    def metrics_copy(self):
+        with self._lock:
+            return ({key: dict(values) for key, values in self.series.items()},
+                    self.latency.copy(), self.ttfb.copy())
 
     def _add_keyed(self, table, key, record):
         if key not in table and len(table) >= MAX_KEYS:

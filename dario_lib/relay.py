@@ -23,7 +23,7 @@ import time
 
 import urllib3
 
-from . import billing, guard as guard_mod, wire
+from . import billing, budgets, guard as guard_mod, wire
 from .metering import Meter
 from .upstream import UpstreamError
 
@@ -35,19 +35,21 @@ _SESSION_HEADER = "x-claude-code-session-id"
 _UPSTREAM_READ_ERRORS = (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError, ValueError)
 
 
-def request_model(body):
-    """The model a request asks for, read cheaply (whole JSON only for small bodies)."""
+def request_facts(body):
+    """(model, max_tokens) a request asks for, read cheaply (whole JSON only for small bodies)."""
     if not body:
-        return None
+        return None, 0
     if len(body) <= 262144:
         try:
             obj = json.loads(body)
         except ValueError:
-            return None
+            obj = None
         model = obj.get("model") if isinstance(obj, dict) else None
-        return model[:200] if isinstance(model, str) and model else None
+        model = model[:200] if isinstance(model, str) and model else None
+        return model, budgets.max_tokens_of(body, obj if isinstance(obj, dict) else None)
     found = _MODEL_IN_HEAD.search(body, 0, 65536)
-    return found.group(1).decode("utf-8", "replace") if found else None
+    model = found.group(1).decode("utf-8", "replace") if found else None
+    return model, budgets.max_tokens_of(body)
 
 
 def account_label(aliases, credential):
@@ -99,11 +101,14 @@ class Exchange:
         self.path_and_query = path + ("?" + query if query else "")
         self.body = body
         self.started = handler.started
+        self.reservation = None
+        self.budgets = self.server.budgets       # the one this request reserves on, even across a reload
+        model, self.max_tokens = request_facts(body)
         self.record = {
             "timestamp": handler.started_ms,
             "account": "anonymous",
             "path": path,
-            "model": request_model(body),
+            "model": model,
             "status": None,
             "stream": False,
             "api": "openai" if path == "/v1/chat/completions" else "anthropic",
@@ -119,6 +124,13 @@ class Exchange:
     # -- the exchange ------------------------------------------------------------
 
     def run(self):
+        try:
+            self._run()
+        finally:
+            if self.reservation is not None:        # never finished: release what it held
+                self.budgets.settle(self.reservation, self.record["account"], 0.0, self.request_info())
+
+    def _run(self):
         headers, credential = upstream_headers(self.h)
         self.record["account"] = account_label(self.server.account_aliases, credential)
         if self.path in guard_mod.BLOCKED_PATHS:
@@ -128,6 +140,15 @@ class Exchange:
                 self.finish(503, "halted")          # recorded before the client can see it
                 self.h.send_json(503, body, extra)
                 return
+            if self.budgets.active:
+                reservation = self.budgets.reserve(self.record["account"], self.record["model"],
+                                                   len(self.body), self.max_tokens)
+                if isinstance(reservation, budgets.Refusal):
+                    extra, body = reservation.response()
+                    self.finish(503, "halted")
+                    self.h.send_json(503, body, extra)
+                    return
+                self.reservation = reservation
         try:
             resp = self.server.upstream.send(self.h.command, self.path_and_query, headers, self.body)
         except UpstreamError as err:
@@ -141,10 +162,7 @@ class Exchange:
         rate = billing.parse_ratelimit(resp.headers.get, self.server.settings.guard.subscription_claims)
         self.record.update(rate)
         self.record["requestId"] = _printable(resp.headers.get("request-id"))
-        self.server.guard.observe(rate, {
-            "timestamp": self.record["timestamp"], "model": self.record["model"],
-            "account": self.record["account"], "claim": rate["claim"], "path": self.path,
-            "requestId": self.record["requestId"]})
+        self.server.guard.observe(rate, self.request_info())
 
     def relay(self, resp):
         self._observe(resp)
@@ -248,11 +266,19 @@ class Exchange:
                  + wire.error_body("api_error", "upstream connection lost mid-stream") + b"\n\n")
         self.h.wfile.write(wire.chunk(frame) + wire.LAST_CHUNK if framing == "chunked" else frame)
 
+    def request_info(self):
+        record = self.record
+        return {"timestamp": record["timestamp"], "model": record["model"], "account": record["account"],
+                "claim": record["claim"], "path": self.path, "requestId": record["requestId"]}
+
     def finish(self, status, outcome):
         self.record["status"] = status
         self.record["outcome"] = outcome
         self.record["latencyMs"] = round((time.monotonic() - self.started) * 1000, 2)
-        self.server.store.add(self.record)
+        record = self.server.store.add(self.record)
+        if self.reservation is not None:
+            reservation, self.reservation = self.reservation, None
+            self.budgets.settle(reservation, record["account"], record["costUsd"], self.request_info())
 
 
 def _abort(raw, gone):

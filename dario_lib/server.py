@@ -24,6 +24,8 @@ import time
 from http.server import ThreadingHTTPServer
 
 from . import __version__
+from .alerts import Alerts
+from .budgets import Budgets, Ledger
 from .events import EventBus
 from .guard import Guard
 from .handler import Handler
@@ -83,9 +85,12 @@ class GatewayServer(ThreadingHTTPServer):
         self.store = RecordStore(settings.max_records, self.bus, settings.log_file)
         self.upstream = Upstream(settings.upstream, settings.read_timeout_s, pool_size=256)
         self.notifier = notifier if notifier is not None else Notifier(settings.guard.notify_os)
-        self.guard = Guard(settings.guard, bus=self.bus, notifier=self.notifier,
+        self.alerts = Alerts(settings.notify_command, settings.notify_webhook,
+                             origin=f"dario@{socket.gethostname()}:{self.server_address[1]}")
+        self.guard = Guard(settings.guard, bus=self.bus, notifier=self.notifier, alerts=self.alerts,
                            state_file=StateFile(os.path.join(settings.home, "guard-state.json")),
                            clock=clock, timer_factory=timer_factory)
+        self.budgets = self._budgets(settings)
         self.watchdog = Watchdog().start()
         self.tracker = Tracker()
         self.account_aliases = {digest: alias for alias, digest in settings.accounts.items()}
@@ -94,6 +99,10 @@ class GatewayServer(ThreadingHTTPServer):
         self._connections = 0
         self._conn_lock = threading.Lock()
         self._serve_thread = None
+
+    def _budgets(self, settings):
+        ledger = Ledger(os.path.join(settings.home, "spend-ledger.jsonl"))
+        return Budgets(settings.guard.budgets, ledger, self.guard, self.clock)
 
     def server_bind(self):
         # HTTPServer.server_bind would call socket.getfqdn(), a DNS lookup at start.
@@ -156,6 +165,7 @@ class GatewayServer(ThreadingHTTPServer):
         `poll_interval` bounds how long `drain()` waits for the accept loop to notice.
         """
         self.guard.start()
+        self.budgets.start()
         self._serve_thread = threading.Thread(target=self.serve_forever, args=(poll_interval,),
                                               name="dario-accept", daemon=True)
         self._serve_thread.start()
@@ -174,6 +184,7 @@ class GatewayServer(ThreadingHTTPServer):
             log.warning("%d request(s) still in flight after %ss; exiting anyway",
                         self.tracker.count, timeout)
         self.guard.close()
+        self.alerts.close()
         self.watchdog.stop()
         self.upstream.close()
         self.store.close()
@@ -197,7 +208,13 @@ class GatewayServer(ThreadingHTTPServer):
         self.account_aliases = {digest: alias for alias, digest in settings.accounts.items()}
         if hasattr(self.notifier, "os_notify"):
             self.notifier.os_notify = settings.guard.notify_os
+        self.alerts.command = list(settings.notify_command) if settings.notify_command else None
+        self.alerts.webhook = settings.notify_webhook
         self.guard.reconfigure(settings.guard)
+        if settings.guard.budgets != old.guard.budgets:
+            budgets = self._budgets(settings)
+            budgets.start()
+            self.budgets = budgets
         self.settings = settings
         return restart
 
@@ -222,6 +239,8 @@ class GatewayServer(ThreadingHTTPServer):
                 "warnings": self.guard.warnings,
                 "guards": self.guard.config.guards(),
             },
+            "budgets": self.budgets.status(),
+            "alerts": {"command": bool(settings.notify_command), "webhook": bool(settings.notify_webhook)},
             "requests": summary["requests"],
             "outcomes": summary["outcomes"],
             "lastClaims": summary["lastClaims"],

@@ -1,0 +1,126 @@
+"""`GET /metrics` in the Prometheus text format (version 0.0.4).
+
+Series: requests and tokens by model, account, bucket and outcome; guard state and
+trips by reason; spend by budget; the relay latency and time-to-first-byte histograms.
+Label values are the record's own (bounded in number by the record store) and escaped.
+
+`render` reads copies taken under the owners' locks: safe from any thread.
+"""
+
+from . import __version__
+
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+TOKEN_KINDS = (("inputTokens", "input"), ("outputTokens", "output"),
+               ("cacheReadTokens", "cache_read"), ("cacheCreateTokens", "cache_create"))
+
+
+class Histogram:
+    """Cumulative-bucket histogram; not locked itself (the record store's lock covers it)."""
+
+    def __init__(self, bounds=LATENCY_BUCKETS_S):
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.count = 0
+        self.total = 0.0
+
+    def observe(self, seconds):
+        self.count += 1
+        self.total += seconds
+        for i, bound in enumerate(self.bounds):
+            if seconds <= bound:
+                self.counts[i] += 1
+
+    def copy(self):
+        other = Histogram(self.bounds)
+        other.counts, other.count, other.total = list(self.counts), self.count, self.total
+        return other
+
+
+def _escape(value):
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(**labels):
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items()) + "}"
+
+
+def _number(value):
+    if isinstance(value, float):
+        return repr(round(value, 9))
+    return str(value)
+
+
+class _Out:
+    def __init__(self):
+        self.lines = []
+
+    def family(self, name, kind, help_text):
+        self.lines.append(f"# HELP {name} {help_text}")
+        self.lines.append(f"# TYPE {name} {kind}")
+
+    def sample(self, name, value, **labels):
+        self.lines.append(f"{name}{_labels(**labels)} {_number(value)}")
+
+    def histogram(self, name, hist):
+        for bound, count in zip(hist.bounds, hist.counts):
+            self.sample(name + "_bucket", count, le=_number(float(bound)))
+        self.sample(name + "_bucket", hist.count, le="+Inf")
+        self.sample(name + "_sum", round(hist.total, 6))
+        self.sample(name + "_count", hist.count)
+
+
+def render(server):
+    out = _Out()
+    series, latency, ttfb = server.store.metrics_copy()
+    guard = server.guard
+    halts = guard.halts()
+
+    out.family("dario_info", "gauge", "Build information.")
+    out.sample("dario_info", 1, version=__version__)
+    out.family("dario_requests_total", "counter", "Requests to forwarded routes.")
+    for (model, account, bucket, outcome), values in sorted(series.items()):
+        out.sample("dario_requests_total", values["requests"], model=model, account=account,
+                   bucket=bucket, outcome=outcome)
+    out.family("dario_tokens_total", "counter", "Metered tokens.")
+    for (model, account, bucket, outcome), values in sorted(series.items()):
+        for field, kind in TOKEN_KINDS:
+            if values[field]:
+                out.sample("dario_tokens_total", values[field], model=model, account=account,
+                           bucket=bucket, outcome=outcome, kind=kind)
+    out.family("dario_cost_usd_total", "counter", "Estimated cost in USD.")
+    for (model, account, bucket, outcome), values in sorted(series.items()):
+        if values["costUsd"]:
+            out.sample("dario_cost_usd_total", values["costUsd"], model=model, account=account,
+                       bucket=bucket, outcome=outcome)
+
+    out.family("dario_guard_halted", "gauge", "1 while halted (account empty: the whole gateway).")
+    out.sample("dario_guard_halted", 1 if any(h.account is None for h in halts) else 0, account="")
+    for halt in halts:
+        if halt.account is not None:
+            out.sample("dario_guard_halted", 1, account=halt.account)
+    out.family("dario_guard_trips_total", "counter", "Halts by reason since start.")
+    for reason, count in sorted(guard.trips.items()):
+        out.sample("dario_guard_trips_total", count, reason=reason)
+    out.family("dario_guard_warnings_total", "counter", "Guard warnings since start.")
+    out.sample("dario_guard_warnings_total", guard.warnings)
+
+    budgets = server.budgets.status()
+    if budgets:
+        out.family("dario_spend_usd", "gauge", "Estimated spend in the budget's window.")
+        for b in budgets:
+            out.sample("dario_spend_usd", b["spentUsd"], account=b["account"], window=b["window"])
+        out.family("dario_budget_usd", "gauge", "The budget's limit.")
+        for b in budgets:
+            out.sample("dario_budget_usd", b["usd"], account=b["account"], window=b["window"])
+
+    out.family("dario_request_duration_seconds", "histogram", "Relay latency, request to last byte.")
+    out.histogram("dario_request_duration_seconds", latency)
+    out.family("dario_upstream_ttfb_seconds", "histogram", "Request arrival to upstream headers.")
+    out.histogram("dario_upstream_ttfb_seconds", ttfb)
+    out.family("dario_in_flight_requests", "gauge", "Forwarded requests in flight.")
+    out.sample("dario_in_flight_requests", server.tracker.count)
+    out.family("dario_open_connections", "gauge", "Open client connections.")
+    out.sample("dario_open_connections", server.connections)
+    return "\n".join(out.lines) + "\n"
