@@ -108,8 +108,11 @@ class Guard:
     def check(self, account=None):
         """The halt blocking this account's request, or None. Called right before sending."""
         actions = []
+        # The stat is a system call: take it before the lock, so the lock is held for
+        # microseconds and request threads do not queue behind one another's syscalls.
+        sig = self._file.signature() if self._file is not None else None
         with self._lock:
-            self._sync_locked(actions)
+            self._sync_locked(actions, sig)
             halt = self._halts.get(None) or (self._halts.get(account) if account is not None else None)
         _run(actions)
         return halt
@@ -348,11 +351,15 @@ class Guard:
 
     # -- the shared state file ---------------------------------------------------
 
-    def _sync_locked(self, actions):
-        """Follow a change of guard-state.json made by a sibling gateway."""
+    def _sync_locked(self, actions, sig=None):
+        """Follow a change of guard-state.json made by a sibling gateway.
+
+        `sig` is the file's signature when the caller already took it (outside the lock).
+        """
         if self._file is None:
             return
-        sig = self._file.signature()
+        if sig is None:
+            sig = self._file.signature()
         if sig == self._file_sig:
             return
         self._file_sig = sig

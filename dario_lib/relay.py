@@ -166,8 +166,8 @@ class Exchange:
 
     def relay(self, resp):
         self._observe(resp)
-        raw = resp.raw
-        status = resp.status_code
+        raw = resp
+        status = resp.status
         meter = Meter(raw.headers.get("content-type", ""), raw.headers.get("content-encoding", ""))
         self.record["stream"] = meter.is_stream
         framing, head = self._response_head(resp, status)
@@ -218,6 +218,7 @@ class Exchange:
             raw.release_conn()          # body fully read: the connection goes back to the pool
         else:
             resp.close()
+            resp.release_conn()         # the closed connection's slot goes back to the pool
             self.h.close_connection = True
         meter.close()
         self.record["stream"] = meter.is_stream
@@ -232,7 +233,7 @@ class Exchange:
 
     def _response_head(self, resp, status):
         """(body framing towards the client, head bytes) for the upstream's response."""
-        raw = resp.raw
+        raw = resp
         named = {part.strip().lower() for value in raw.headers.getlist("connection")
                  for part in value.split(",")}
         lines = list(wire.relayable(raw.headers.iteritems(), named, {"content-length"}))
