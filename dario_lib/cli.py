@@ -21,6 +21,9 @@ dario {__version__}: a local gateway for the Anthropic API that halts on overage
 Usage: python dario.py <command> [flags]      (or `dario <command>` once installed)
 
 Commands:
+  (no command)             the TUI, when stdin and stdout are a terminal (this help
+                           otherwise): live status, config editor, analytics, hits;
+                           [--port=N] picks the gateway
   proxy [flags]            run the gateway in the foreground (logs to stderr)
   resume [--port=N] [--account=LABEL]
                            clear the guard's halt on the running gateway (or only the
@@ -167,11 +170,7 @@ def _client_port(args, prog, extra=(), options=()):
     for flag in options:
         p.add_argument(flag)
     opts = p.parse(args)
-    flags = {"port": opts.port} if opts.port is not None else {}
-    key = config.SCHEMA_BY_NAME["port"]
-    file_config = config.load_file(config.config_path(os.environ))
-    port, _ = config._pick(key, flags, os.environ, file_config.values)
-    return opts, port
+    return opts, config.client_port(opts.port, os.environ)
 
 
 def cmd_resume(args):
@@ -313,6 +312,9 @@ COMMANDS = {
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    if (not argv or argv[0].startswith("--port")) and sys.stdin.isatty() and sys.stdout.isatty():
+        from .tui import main as tui_main
+        return tui_main(argv)
     if not argv or argv[0] in ("help", "-h", "--help"):
         print(HELP)
         return 0

@@ -644,6 +644,14 @@ def resolve(flags=None, env=os.environ, file_config=None):
     )
 
 
+def client_port(flag=None, env=os.environ):
+    """The port `resume`, `status` and the TUI talk to: --port > DARIO_PORT > config > 3456."""
+    file_config = load_file(config_path(env))
+    flags = {"port": flag} if flag is not None else {}
+    port, _ = _pick(SCHEMA_BY_NAME["port"], flags, env, file_config.values)
+    return port
+
+
 def current_value(file_config, name):
     """The value a key has in the file, or its default: what `config get` shows."""
     key = SCHEMA_BY_NAME[name]

@@ -91,6 +91,7 @@ class RecordStore:
         self.per_model = {}
         self.per_account = {}
         self.last_claims = collections.deque(maxlen=10)
+        self.last_rate = {}              # the latest rate-limit readings, for guard headroom
         self.series = {}                 # (model, account, bucket, outcome) -> counters, for /metrics
         self.latency = Histogram()
         self.ttfb = Histogram()
@@ -112,6 +113,9 @@ class RecordStore:
             self._add_keyed(self.per_model, record.get("model") or "unknown", record)
             self._add_keyed(self.per_account, record.get("account") or "anonymous", record)
             self._add_series(record)
+            for key in ("util5h", "util7d", "overageUtil", "unifiedStatus"):
+                if record.get(key) is not None:
+                    self.last_rate[key] = record[key]
             if record.get("claim") not in (None, "unknown"):
                 self.last_claims.append({"timestamp": record["timestamp"], "claim": record["claim"],
                                          "bucket": record.get("bucket")})
@@ -175,6 +179,7 @@ class RecordStore:
                 "requests": self.totals["requests"],
                 "outcomes": dict(self.outcomes),
                 "lastClaims": list(self.last_claims),
+                "lastRate": dict(self.last_rate),
             }
 
     def totals_copy(self):

@@ -244,6 +244,7 @@ class GatewayServer(ThreadingHTTPServer):
             "requests": summary["requests"],
             "outcomes": summary["outcomes"],
             "lastClaims": summary["lastClaims"],
+            "lastRate": summary["lastRate"],
             "inFlight": self.tracker.count,
             "connections": self.connections,
             "subscribers": self.bus.count,

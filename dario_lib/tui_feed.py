@@ -1,0 +1,283 @@
+"""What the TUI knows about the running gateway, fetched off the UI thread.
+
+`Feed` talks to the gateway only through `client.Client`, on two named daemon threads:
+
+- `dario-tui-poll` fetches `/status` every second and `/analytics` every two seconds,
+  and runs the actions the UI asks for (refresh now, resume) in between;
+- `dario-tui-events` follows `/analytics/stream` and reconnects with a growing backoff
+  when the gateway goes away or ends the stream.
+
+Threading contract: every field below is written under `self._lock`, and the UI thread
+reads only `view()`, an immutable snapshot taken inside that lock. The JSON objects a
+View holds are replaced wholesale and never mutated after they are stored, so sharing
+them with the UI thread is safe. Nothing here blocks the UI: `refresh()` and `resume()`
+only set a flag and wake the poll thread. `stop()` joins the poll thread; the events
+thread can be stuck in a read when the UI quits, so it is a daemon and ends with the
+process.
+"""
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from .client import GatewayDown, GatewayError
+
+log = logging.getLogger(__name__)
+
+MAX_HITS = 500
+STREAM_READ_TIMEOUT_S = 60      # the gateway sends a heartbeat every 25 s
+
+
+@dataclass(frozen=True)
+class Notice:
+    text: str
+    level: str                  # "info", "good", "warn" or "bad"
+    at: float                   # clock() when it was posted
+
+
+@dataclass(frozen=True)
+class View:
+    """One consistent picture of the gateway for a frame of the UI."""
+    port: int
+    link: str                   # "connecting", "up", "down" or "error"
+    error: str = None           # why the link is down or in error
+    status: dict = None         # last /status (None while down)
+    analytics: dict = None      # last /analytics (kept while down, for context)
+    halt: dict = None           # the guard's halt, or None when normal
+    hits: tuple = ()            # records, newest first
+    notice: Notice = None
+    updated_at: float = None    # clock() of the last good /status
+
+    @property
+    def halted(self):
+        return self.halt is not None
+
+
+def hit_key(record):
+    # Ids restart when the gateway restarts; with the timestamp they stay unique.
+    return record.get("id"), record.get("timestamp")
+
+
+class Feed:
+    def __init__(self, client, *, clock=time.time, status_every=1.0, analytics_every=2.0,
+                 max_hits=MAX_HITS, backoff=(0.5, 5.0)):
+        self.client = client
+        self.clock = clock
+        self.status_every = status_every
+        self.analytics_every = analytics_every
+        self.backoff = backoff
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._link, self._error = "connecting", None
+        self._status = self._analytics = self._halt = self._notice = self._updated_at = None
+        # Bumped by every guard event from the stream, so a /status answer that was
+        # already on its way cannot undo a halt or resume the stream just reported.
+        self._guard_seq = 0
+        self._hits = collections.deque()
+        self._hit_keys = set()
+        self._max_hits = max_hits
+        self._want_refresh = self._want_resume = False
+        self._threads = []
+
+    # -- the UI side ---------------------------------------------------------------
+
+    def start(self):
+        for name, target in (("dario-tui-poll", self._poll_loop), ("dario-tui-events", self._event_loop)):
+            thread = threading.Thread(target=self._watched, args=(target,), name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def stop(self, timeout=1.0):
+        """Stop both threads; waits for the poll thread only.
+
+        The events thread is usually blocked reading the stream, which `Client.events()`
+        gives no way to interrupt; waiting for it would make `q` take a second. It sees
+        the stop flag after its next event or read timeout, and as a daemon it never
+        holds the process open.
+        """
+        self._stop.set()
+        self._wake.set()
+        for thread in self._threads:
+            if thread.name == "dario-tui-poll":
+                thread.join(timeout)
+
+    def refresh(self):
+        with self._lock:
+            self._want_refresh = True
+        self._wake.set()
+
+    def resume(self):
+        with self._lock:
+            self._want_resume = True
+        self._wake.set()
+
+    def view(self):
+        with self._lock:
+            return View(port=self.client.port, link=self._link, error=self._error,
+                        status=self._status, analytics=self._analytics, halt=self._halt,
+                        hits=tuple(self._hits), notice=self._notice,
+                        updated_at=self._updated_at)
+
+    def notify(self, text, level="info"):
+        with self._lock:
+            self._notice = Notice(text, level, self.clock())
+
+    # -- applying what the gateway said (called by the threads; tests call them too) --
+
+    def set_down(self, error, link="down"):
+        with self._lock:
+            self._link, self._error, self._status = link, error, None
+            if link == "down":
+                self._halt = None           # a stopped gateway holds no halt in memory
+
+    def set_status(self, status, seq=None):
+        with self._lock:
+            self._link, self._error, self._status = "up", None, status
+            self._updated_at = self.clock()
+            if seq is None or seq == self._guard_seq:
+                self._halt = (status.get("guard") or {}).get("halt")
+
+    def set_analytics(self, analytics):
+        with self._lock:
+            self._analytics = analytics
+
+    def add_event(self, name, data):
+        with self._lock:
+            if name == "record":
+                self._add_hit(data)
+                return
+            self._guard_seq += 1
+            self._want_refresh = True
+            request = data.get("request") or {}
+            if name == "overage_halt":
+                if self._halt is None:
+                    self._halt = data
+                    self._notice = Notice(f"HALT: {reason_text(data.get('reason'))} "
+                                          f"({request.get('claim') or ''} {request.get('model') or ''}); "
+                                          "new requests get 503", "bad", self.clock())
+            elif name == "overage_resume":
+                halt = self._halt
+                if halt is not None and (halt.get("since"), halt.get("account")) == (
+                        data.get("previousSince"), data.get("account")):
+                    self._halt = None
+                self._notice = Notice(f"guard back to normal ({data.get('reason')})", "good", self.clock())
+            elif name == "overage_warn":
+                self._notice = Notice(f"warning: {reason_text(data.get('reason'))} "
+                                      f"({request.get('claim') or ''} {request.get('model') or ''})",
+                                      "warn", self.clock())
+        # Several halts can be current (one per account): /status has the whole picture.
+        self._wake.set()
+
+    def _add_hit(self, record):
+        key = hit_key(record)
+        if key in self._hit_keys:           # the backlog repeats on every reconnect
+            return
+        if len(self._hits) >= self._max_hits:
+            self._hit_keys.discard(hit_key(self._hits.pop()))
+        self._hits.appendleft(record)
+        self._hit_keys.add(key)
+
+    # -- the threads ---------------------------------------------------------------
+
+    def _watched(self, loop):
+        # A bug in a loop must not print a traceback over the screen or kill the feed:
+        # it is logged (to nowhere unless the caller set up logging), shown, and retried.
+        while not self._stop.is_set():
+            try:
+                loop()
+                return
+            except Exception as err:
+                log.debug("%s failed", threading.current_thread().name, exc_info=True)
+                self.notify(f"internal error in {threading.current_thread().name}: {err!r}", "bad")
+                self._stop.wait(1.0)
+
+    def _poll_loop(self):
+        next_status = next_analytics = 0.0
+        while not self._stop.is_set():
+            with self._lock:
+                resume, refresh = self._want_resume, self._want_refresh
+                self._want_resume = self._want_refresh = False
+            if resume:
+                self._do_resume()
+                refresh = True
+            now = time.monotonic()
+            if refresh or now >= next_status:
+                up = self._fetch_status()
+                next_status = time.monotonic() + self.status_every
+                if up and (refresh or now >= next_analytics):
+                    self._fetch_analytics()
+                    next_analytics = time.monotonic() + self.analytics_every
+            self._wake.wait(max(0.0, min(next_status, next_analytics) - time.monotonic()))
+            self._wake.clear()
+
+    def _fetch_status(self):
+        with self._lock:
+            seq = self._guard_seq
+        try:
+            self.set_status(self.client.status(), seq)
+            return True
+        except GatewayDown:
+            self.set_down(f"gateway not running on port {self.client.port}, retrying")
+        except GatewayError as err:
+            self.set_down(f"gateway on port {self.client.port} answered HTTP {err.status}"
+                          f"{' (is DARIO_API_KEY right?)' if err.status == 401 else ''}: "
+                          f"{_first_line(err.body)}", link="error")
+        return False
+
+    def _fetch_analytics(self):
+        try:
+            self.set_analytics(self.client.analytics())
+        except (GatewayDown, GatewayError):
+            pass                            # /status reports the link; old numbers stay shown
+
+    def _do_resume(self):
+        try:
+            result = self.client.resume()
+        except GatewayDown:
+            self.notify(f"resume failed: gateway not running on port {self.client.port}", "bad")
+            return
+        except GatewayError as err:
+            self.notify(f"resume failed: HTTP {err.status}: {_first_line(err.body)}", "bad")
+            return
+        if result.get("wasHalted"):
+            with self._lock:
+                self._halt = None
+                self._guard_seq += 1
+            self.notify(f"resumed at {result.get('resumedAt')}; requests flow again", "good")
+        else:
+            self.notify("the gateway was not halted: nothing to resume", "info")
+
+    def _event_loop(self):
+        delay = self.backoff[0]
+        while not self._stop.is_set():
+            try:
+                for name, data in self.client.events(timeout=STREAM_READ_TIMEOUT_S):
+                    delay = self.backoff[0]         # connected: start the backoff over
+                    if self._stop.is_set():
+                        return
+                    self.add_event(name, data)
+            except (GatewayDown, GatewayError) as err:
+                log.debug("event stream: %s", err)
+            self.refresh()                          # the gateway may be gone: check now
+            self._stop.wait(delay)
+            delay = min(delay * 2, self.backoff[1])
+
+
+REASONS = {"overage_detected": "overage billing detected",
+           "utilization_threshold": "utilization threshold crossed",
+           "status_rejected": "unified rate-limit status rejected",
+           "status_warning": "unified rate-limit status warning",
+           "budget_exceeded": "spend budget exceeded", "budget_warning": "spend budget nearly used",
+           "state_file_corrupt": "saved guard state unreadable"}
+
+
+def reason_text(reason):
+    return REASONS.get(reason) or str(reason or "overage_detected").replace("_", " ")
+
+
+def _first_line(text, limit=120):
+    return (text or "").strip().splitlines()[0][:limit] if (text or "").strip() else ""
