@@ -20,7 +20,7 @@ import socket
 import time
 from http.server import BaseHTTPRequestHandler
 
-from . import __version__, analytics, exposure, metrics, wire
+from . import __version__, analytics, exposure, headers, metrics, wire
 from .events import Subscription, TooManySubscribers
 from .guard import ALL, iso
 from .relay import Exchange
@@ -79,11 +79,14 @@ class Handler(BaseHTTPRequestHandler):
         token = watchdog.arm(self.connection, HEAD_DEADLINE_S)
         try:
             self.raw_requestline = self.rfile.readline(65537)
-            if not self.raw_requestline:
+            if self.raw_requestline in (b"\r\n", b"\n"):   # RFC 9112: tolerate one empty line
+                self.raw_requestline = self.rfile.readline(65537)
+            if not self.raw_requestline or self.raw_requestline in (b"\r\n", b"\n"):
                 self.close_connection = True
                 return
             if len(self.raw_requestline) > 65536:
                 self.requestline, self.request_version, self.command = "", "HTTP/1.1", ""
+                self.headers = headers.Headers()
                 self.send_error(414, "request line too long")
                 return
             if not self.parse_request():
@@ -109,6 +112,25 @@ class Handler(BaseHTTPRequestHandler):
                     self.send_json(500, _error("api_error", "internal error in dario; see its log"))
                 except OSError:
                     pass
+
+    def parse_request(self):
+        """Parse the request line and headers (see `headers`); answers and closes on errors."""
+        self.command, self.request_version, self.headers = "", "HTTP/1.1", headers.Headers()
+        self.requestline = self.raw_requestline.rstrip(b"\r\n").decode("latin-1")
+        try:
+            self.command, self.path, self.request_version = headers.parse_request_line(self.raw_requestline)
+            self.headers = headers.read_headers(self.rfile)
+        except headers.HeadError as err:
+            self.send_error(err.status, err.message)
+            return False
+        tokens = wire.connection_tokens(self.headers)
+        if "close" in tokens or (self.request_version == "HTTP/1.0" and "keep-alive" not in tokens):
+            self.close_connection = True
+        else:
+            self.close_connection = False
+        if (self.headers.get("Expect") or "").lower() == "100-continue" and self.request_version == "HTTP/1.1":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return True
 
     def dispatch(self):
         method, target = self.command, self.path

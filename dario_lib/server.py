@@ -39,6 +39,8 @@ from .wire import error_body
 log = logging.getLogger(__name__)
 
 MAX_CONNECTIONS = 1024
+LINGER_S = 1.0                      # how long a closing connection drains unread input
+LINGER_READS = 16                   # ...and at most this many reads of it
 DRAIN_S = 10
 _OVERLOADED = error_body("overloaded_error", "dario is at its connection limit; retry shortly")
 _OVERLOADED_RESPONSE = (
@@ -148,6 +150,23 @@ class GatewayServer(ThreadingHTTPServer):
     def _release(self):
         with self._conn_lock:
             self._connections -= 1
+
+    def shutdown_request(self, request):
+        """Close a client connection without losing the last answer to a TCP reset.
+
+        Closing a socket with unread request bytes makes the kernel send a reset, which can
+        destroy the response still in flight (an early 413 or 431, say). So stop sending,
+        read and discard what the client still sends for a moment, then close.
+        """
+        try:
+            request.shutdown(socket.SHUT_WR)
+            request.settimeout(LINGER_S)
+            for _ in range(LINGER_READS):
+                if not request.recv(65536):
+                    break
+        except OSError:
+            pass
+        self.close_request(request)
 
     def handle_error(self, request, client_address):
         log.debug("error on a connection from %s", client_address[0], exc_info=True)
