@@ -1,3 +1,3 @@
-import sys
 from dario_lib.cli import main
-sys.exit(main())
+if __name__ == "__main__":
+    raise SystemExit(main())

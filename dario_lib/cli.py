@@ -34,6 +34,9 @@ Commands:
   config path              where the config file lives
   config get KEY           one setting, e.g. overageGuard.cooldownMs
   config set KEY VALUE     validate and save one setting (atomic write)
+  service print|install|uninstall [--systemd|--launchd]
+                           a systemd user unit or launchd agent that runs `proxy`:
+                           print it, install it (prints how to enable it), or remove it
   notify-test              send a test event through every configured alert channel
                            (bell, desktop, notifyCommand, notifyWebhook) and report
   demo                     watch the guard trip and clear against a simulated upstream
@@ -63,6 +66,10 @@ Flags for `resume` and `status`:
   --port=N                 the gateway's port (--port > DARIO_PORT > config > 3456)
   --account=LABEL          (resume) clear only this account's halt
   --json                   (status) machine-readable output
+
+Flags for `service`:
+  --systemd                a systemd user unit (the default on Linux)
+  --launchd                a launchd LaunchAgent plist (the default on macOS)
 
 Environment:
   DARIO_HOME               folder for config.json and guard-state.json (default ~/.dario)
@@ -254,7 +261,8 @@ def cmd_config(args):
             config.save_file(path, config.with_value(file_config.raw, key, value))
         except OSError as err:
             return _fail(f"cannot write {path}: {err.strerror or err}")
-        print(f"[dario] {key} = {json.dumps(config._plain(value))} saved to {path}")
+        print(f"[dario] {key} = {json.dumps(config._plain(value, config.SCHEMA_BY_NAME[key].kind))} "
+              f"saved to {path}")
     return 0
 
 
@@ -290,6 +298,13 @@ def cmd_notify_test(args):
     return 0 if all(ok for ok, _ in results.values()) else 1
 
 
+# -- service ------------------------------------------------------------------------
+
+def cmd_service(args):
+    from .service import cmd_service as service
+    return service(args)
+
+
 # -- demo ---------------------------------------------------------------------------
 
 def cmd_demo(args):
@@ -307,6 +322,7 @@ COMMANDS = {
     "config": cmd_config,
     "demo": cmd_demo,
     "notify-test": cmd_notify_test,
+    "service": cmd_service,
 }
 
 
