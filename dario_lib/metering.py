@@ -165,7 +165,7 @@ class Meter:
             return                              # OpenAI chunk with nothing we need
         try:
             obj = json.loads(payload)
-        except ValueError:
+        except (ValueError, RecursionError):   # nesting deeper than the parser can go
             return
         if not isinstance(obj, dict):
             return
@@ -188,7 +188,7 @@ class Meter:
         if not self._overflow:
             try:
                 obj = json.loads(self._body)
-            except ValueError:
+            except (ValueError, RecursionError):   # nesting deeper than the parser can go
                 obj = None
             if isinstance(obj, dict):
                 self._take_model(obj.get("model"))
@@ -202,7 +202,7 @@ class Meter:
         if matches:
             try:
                 self._take_usage(json.loads(matches[-1]))
-            except ValueError:
+            except (ValueError, RecursionError):   # nesting deeper than the parser can go
                 pass
         self._body = bytearray()
 

@@ -14,25 +14,22 @@ Runs on the handler's thread; shared objects are reached through `handler.server
 """
 
 import hashlib
-import http.client
 import json
 import logging
 import re
 import socket
 import time
 
-import urllib3
-
 from . import billing, budgets, guard as guard_mod, wire
 from .metering import Meter
-from .upstream import UpstreamError
+from .upstream import UpstreamError, UpstreamReadError
 
 log = logging.getLogger(__name__)
 
 READ_SIZE = 65536
 _MODEL_IN_HEAD = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
 _SESSION_HEADER = "x-claude-code-session-id"
-_UPSTREAM_READ_ERRORS = (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError, ValueError)
+_UPSTREAM_READ_ERRORS = (UpstreamReadError, OSError)
 
 
 def request_facts(body):
@@ -42,7 +39,7 @@ def request_facts(body):
     if len(body) <= 262144:
         try:
             obj = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):   # a hostile body can nest deeper than the parser
             obj = None
         model = obj.get("model") if isinstance(obj, dict) else None
         model = model[:200] if isinstance(model, str) and model else None
@@ -184,7 +181,7 @@ class Exchange:
                     head = None
                 while True:
                     try:
-                        data = raw.read1(READ_SIZE, decode_content=False)
+                        data = raw.read1(READ_SIZE)
                     except _UPSTREAM_READ_ERRORS as err:
                         died = err
                         break
@@ -218,7 +215,6 @@ class Exchange:
             raw.release_conn()          # body fully read: the connection goes back to the pool
         else:
             resp.close()
-            resp.release_conn()         # the closed connection's slot goes back to the pool
             self.h.close_connection = True
         meter.close()
         self.record["stream"] = meter.is_stream
@@ -234,9 +230,8 @@ class Exchange:
     def _response_head(self, resp, status):
         """(body framing towards the client, head bytes) for the upstream's response."""
         raw = resp
-        named = {part.strip().lower() for value in raw.headers.getlist("connection")
-                 for part in value.split(",")}
-        lines = list(wire.relayable(raw.headers.iteritems(), named, {"content-length"}))
+        named = wire.connection_tokens(raw.headers)
+        lines = list(wire.relayable(raw.headers.items(), named, {"content-length"}))
         length = raw.headers.get("content-length")
         if self.h.command == "HEAD" or status in (204, 304) or 100 <= status < 200:
             framing = "none"
