@@ -81,6 +81,8 @@ def _bounded(value, limit=64):
     if value is None:
         return None
     value = value.strip()[:limit]
+    if value.isprintable():
+        return value
     return "".join(ch for ch in value if ch.isprintable())
 
 

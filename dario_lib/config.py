@@ -10,6 +10,7 @@ Loading never raises for a bad file (defaults apply and a warning says why); a b
 or environment value raises `ConfigError`, which the CLI turns into exit status 2.
 """
 
+import functools
 import ipaddress
 import json
 import os
@@ -571,7 +572,7 @@ class Settings:
     sources: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))  # setting -> flag/env/file/default
     warnings: tuple = ()
 
-    @property
+    @functools.cached_property      # asked on every request; ipaddress parsing is not free
     def bound_to_loopback(self):
         return is_loopback(self.host)
 
