@@ -449,7 +449,7 @@ def load_file(path):
                           (f"cannot read config file {path}: {err}; using defaults",))
     try:
         raw = json.loads(text)
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:     # RecursionError: nesting deeper than the parser
         return FileConfig(path, "invalid", {}, {},
                           (f"config file {path} is not valid JSON ({err}); using defaults",))
     if not isinstance(raw, dict):

@@ -20,7 +20,10 @@ def host_name(value):
     value = value.strip().lower()
     if value.startswith("["):
         end = value.find("]")
-        return value[:end + 1] if end > 0 else ""
+        rest = value[end + 1:]
+        if end <= 0 or not (rest in ("", ":") or (rest[0] == ":" and rest[1:].isdigit())):
+            return ""                   # "[::1]evil.example" is not [::1]
+        return value[:end + 1]
     name, sep, port = value.rpartition(":")
     if sep and (port.isdigit() or port == ""):
         return name

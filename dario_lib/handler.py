@@ -75,6 +75,8 @@ class Handler(BaseHTTPRequestHandler):
         self.body_pending = False
         self.responded = False
         self.forward_path = None
+        self.expect_continue = False
+        self.path = ""                  # log_request() runs even when the request line is refused
         watchdog = self.server.watchdog
         token = watchdog.arm(self.connection, HEAD_DEADLINE_S)
         try:
@@ -128,8 +130,10 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         else:
             self.close_connection = False
-        if (self.headers.get("Expect") or "").lower() == "100-continue" and self.request_version == "HTTP/1.1":
-            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        # Asked-for `100 Continue` goes out only once the request passed every check and its
+        # body is about to be read (read_body), so a refused client never uploads for nothing.
+        self.expect_continue = ((self.headers.get("Expect") or "").lower() == "100-continue"
+                                and self.request_version == "HTTP/1.1")
         return True
 
     def dispatch(self):
@@ -180,6 +184,9 @@ class Handler(BaseHTTPRequestHandler):
         if kind == "length" and length > limit:
             raise wire.HttpError(413, f"request body over the {limit}-byte limit")
         deadline = BODY_DEADLINE_S + (length if kind == "length" else limit) / 262144
+        if self.expect_continue and kind != "none":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.expect_continue = False
         token = self.server.watchdog.arm(self.connection, deadline)
         try:
             body = wire.BodyReader(self.rfile, limit).read(kind, length)
@@ -295,7 +302,7 @@ class Handler(BaseHTTPRequestHandler):
         body = self.read_body(wire.body_framing(self.headers, ADMIN_BODY_LIMIT), ADMIN_BODY_LIMIT)
         try:
             request = json.loads(body) if body.strip() else {}
-        except ValueError:
+        except (ValueError, RecursionError):    # a hostile body can nest deeper than the parser
             raise wire.HttpError(400, "POST /admin/resume takes a JSON object, e.g. {} or "
                                       '{"account": "LABEL"}') from None
         account = request.get("account") if isinstance(request, dict) else None

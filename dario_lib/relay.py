@@ -169,6 +169,7 @@ class Exchange:
         self.record["stream"] = meter.is_stream
         framing, head = self._response_head(resp, status)
         out = self.h.wfile
+        self.h.responded = True     # the head is going out: a later failure can only close
         gone = []               # set by the watchdog when the client hangs up
         token = self.server.watchdog.watch(self.h.connection, lambda: _abort(raw, gone))
         outcome, died = "ok", None

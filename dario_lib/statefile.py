@@ -13,6 +13,8 @@ import os
 import tempfile
 
 ABSENT, OK, CORRUPT = "absent", "ok", "corrupt"
+MAX_TIME_MS = 253_402_300_799_999          # 9999-12-31T23:59:59.999Z: the last time iso() can show
+MAX_COOLDOWN_MS = 366 * 86_400_000         # longer than any cooldown or budget window dario makes
 
 
 class StateFile:
@@ -37,7 +39,7 @@ class StateFile:
             return CORRUPT, str(err)
         try:
             data = json.loads(text)
-        except ValueError as err:
+        except (ValueError, RecursionError) as err:     # RecursionError: nesting deeper than the parser
             return CORRUPT, f"not valid JSON ({err})"
         if isinstance(data, dict) and "since" in data:
             data = {"halts": [data]}             # one halt, as written before account scopes
@@ -48,9 +50,14 @@ class StateFile:
             if not isinstance(halt, dict) or isinstance(halt.get("since"), bool) \
                     or not isinstance(halt.get("since"), int):
                 return CORRUPT, "not a saved halt"
+            if not 0 <= halt["since"] <= MAX_TIME_MS:
+                return CORRUPT, "since is out of range"
             until = halt.get("cooldownUntil")
             if until is not None and (isinstance(until, bool) or not isinstance(until, int)):
                 return CORRUPT, "cooldownUntil is not a time"
+            if until is not None and not 0 <= until - halt["since"] <= MAX_COOLDOWN_MS:
+                # Also keeps threading.Timer under TIMEOUT_MAX (~292 years).
+                return CORRUPT, "cooldownUntil is out of range"
             if halt.get("account") is not None and not isinstance(halt.get("account"), str):
                 return CORRUPT, "account is not a label"
         return OK, halts
@@ -80,6 +87,6 @@ class StateFile:
         """Delete the saved halt; returns the new signature (None). Raises OSError."""
         try:
             os.unlink(self.path)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):     # nothing there, or nowhere to be
             pass
         return self.signature()

@@ -211,7 +211,10 @@ class Feed:
                 if up and (refresh or now >= next_analytics):
                     self._fetch_analytics()
                     next_analytics = time.monotonic() + self.analytics_every
-            self._wake.wait(max(0.0, min(next_status, next_analytics) - time.monotonic()))
+            # While the gateway is down analytics are not due: wait for the next status only
+            # (a past next_analytics would make this a busy loop).
+            due = min(next_status, next_analytics) if next_analytics > now else next_status
+            self._wake.wait(max(0.0, due - time.monotonic()))
             self._wake.clear()
 
     def _fetch_status(self):

@@ -314,7 +314,9 @@ class Upstream:
                 raise UpstreamError(502, "api_error", "upstream unreachable: upstream sent a malformed response")
             status = int(found.group(1))
             headers = _read_response_headers(rfile)
-            if status == 101 or not 100 <= status < 200:
+            if status == 101:
+                raise UpstreamError(502, "api_error", "upstream unreachable: upstream tried to switch protocols")
+            if not 100 <= status < 200:
                 reason = (found.group(2) or b"").decode("latin-1")
                 return status, reason, headers
             # An interim 1xx answer (100 Continue, 103 Early Hints): the real one follows.

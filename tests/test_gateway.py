@@ -376,3 +376,22 @@ def test_log_file_gets_one_json_line_per_record(sim, home, tmp_path):
     lines = [json.loads(line) for line in log_path.read_text().splitlines()]
     assert [line.get("outcome") for line in lines] == ["ok", "ok", "rejected"]
     assert lines[1]["stream"] is True and lines[0]["id"] == 1
+
+
+def test_100_continue_only_after_the_checks_pass(sim, home):
+    with running_gateway(make_settings(home, sim.url, env={"DARIO_API_KEY": "k"})) as gateway:
+        head = (b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\n"
+                b"Content-Length: 2\r\n")
+        refused = raw_request(gateway.port, head + b"\r\n", timeout=2)
+        assert refused.startswith(b"HTTP/1.1 401") and b"100 Continue" not in refused
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
+            sock.sendall(head + b"x-dario-api-key: k\r\nConnection: close\r\n\r\n")
+            assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+            sock.sendall(b"{}")
+            rest = b""
+            while True:
+                piece = sock.recv(65536)
+                if not piece:
+                    break
+                rest += piece
+        assert rest.startswith(b"HTTP/1.1 200")

@@ -381,3 +381,38 @@ def test_status_shows_each_guard_and_its_headroom(sim, home, tui):
         pane = tui(gateway.port, home)
         screen = pane.wait_for("util5h 72% (warn 80%, halt 95%)")
         assert re.search(r"\$0\.\d\d of \$20\.00 per 1d for \*", screen)
+
+
+def test_polling_a_gateway_that_is_down_waits_instead_of_spinning():
+    from dario_lib.client import GatewayDown
+
+    class DownClient:
+        port = 9
+        calls = 0
+
+        def status(self):
+            DownClient.calls += 1
+            raise GatewayDown("refused")
+
+        def analytics(self):
+            raise GatewayDown("refused")
+
+        def events(self, timeout=60):
+            raise GatewayDown("refused")
+
+    import threading
+
+    class CountingEvent(threading.Event):
+        waits = 0
+
+        def wait(self, timeout=None):
+            CountingEvent.waits += 1
+            return super().wait(timeout)
+
+    feed = Feed(DownClient(), status_every=0.2, backoff=(5.0, 5.0))
+    feed._wake = CountingEvent()
+    feed.start()
+    time.sleep(1.0)
+    feed.stop()
+    assert 3 <= DownClient.calls <= 7            # about one try per 0.2 s
+    assert CountingEvent.waits <= 10             # and the loop sleeps between them, never spins
