@@ -71,14 +71,21 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- the connection loop -----------------------------------------------------
 
+    def setup(self):
+        super().setup()
+        self.slot = self.server.watchdog.register(self.connection)   # deadlines, hang-up watch
+
+    def finish(self):
+        self.server.watchdog.unregister(self.slot)
+        super().finish()
+
     def handle_one_request(self):
         self.body_pending = False
         self.responded = False
         self.forward_path = None
         self.expect_continue = False
         self.path = ""                  # log_request() runs even when the request line is refused
-        watchdog = self.server.watchdog
-        token = watchdog.arm(self.connection, HEAD_DEADLINE_S)
+        self.slot.arm(HEAD_DEADLINE_S)
         try:
             self.raw_requestline = self.rfile.readline(65537)
             if self.raw_requestline in (b"\r\n", b"\n"):   # RFC 9112: tolerate one empty line
@@ -98,7 +105,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         finally:
-            watchdog.disarm(token)
+            self.slot.disarm()
         self.started = time.monotonic()
         self.started_ms = int(self.server.clock() * 1000)
         try:
@@ -187,13 +194,13 @@ class Handler(BaseHTTPRequestHandler):
         if self.expect_continue and kind != "none":
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             self.expect_continue = False
-        token = self.server.watchdog.arm(self.connection, deadline)
+        self.slot.arm(deadline)
         try:
             body = wire.BodyReader(self.rfile, limit).read(kind, length)
         except OSError:
             raise wire.HttpError(408, "the request body did not arrive in time") from None
         finally:
-            self.server.watchdog.disarm(token)
+            self.slot.disarm()
         self.body_pending = False
         return body
 
@@ -318,7 +325,7 @@ class Handler(BaseHTTPRequestHandler):
         except TooManySubscribers:
             raise wire.HttpError(503, "too many /analytics/stream subscribers; try again later") from None
         # A subscriber that hangs up frees its slot at once, not at the next heartbeat.
-        token = server.watchdog.watch(self.connection, sub.close)
+        self.slot.watch(sub.close)
         try:
             self.close_connection = True
             self.connection.settimeout(SSE_WRITE_TIMEOUT_S)
@@ -342,7 +349,7 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:
             log.debug("an /analytics/stream subscriber went away")
         finally:
-            server.watchdog.unwatch(token)
+            self.slot.unwatch()
             sub.close()
 
 

@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import re
-import socket
 import time
 
 from . import billing, budgets, guard as guard_mod, wire
@@ -171,7 +170,7 @@ class Exchange:
         out = self.h.wfile
         self.h.responded = True     # the head is going out: a later failure can only close
         gone = []               # set by the watchdog when the client hangs up
-        token = self.server.watchdog.watch(self.h.connection, lambda: _abort(raw, gone))
+        self.h.slot.watch(lambda: (gone.append(True), raw.abort()))
         outcome, died = "ok", None
         try:
             if framing == "none":
@@ -209,7 +208,7 @@ class Exchange:
         except OSError:
             outcome = "client_gone"
         finally:
-            self.server.watchdog.unwatch(token)
+            self.h.slot.unwatch()
         if gone:
             outcome = "client_gone"
         if outcome == "ok" and died is None:
@@ -276,17 +275,3 @@ class Exchange:
         if self.reservation is not None:
             reservation, self.reservation = self.reservation, None
             self.budgets.settle(reservation, record["account"], record["costUsd"], self.request_info())
-
-
-def _abort(raw, gone):
-    """Watchdog callback: the client left, so shut the upstream socket down now."""
-    gone.append(True)
-    sock = getattr(getattr(raw, "connection", None), "sock", None)
-    if sock is None:
-        return
-    try:
-        # The plain-socket shutdown, even for TLS: it wakes the relay thread's read
-        # without touching the SSL object that thread is using.
-        socket.socket.shutdown(sock, socket.SHUT_RDWR)
-    except OSError:
-        pass

@@ -97,7 +97,8 @@ class Response:
 
     def __init__(self, upstream, conn, status, reason, headers, method):
         self._upstream = upstream
-        self.connection = conn            # `.sock` lets a watchdog shut it down
+        self.connection = conn            # None once released or closed
+        self._conn_lock = threading.Lock()  # abort() comes from the watchdog thread
         self.status = status
         self.reason = reason
         self.headers = headers
@@ -181,11 +182,16 @@ class Response:
         self._crlf_due = self._chunk_left == 0
         return data
 
+    def _take(self):
+        with self._conn_lock:
+            conn, self.connection = self.connection, None
+            return conn
+
     def release_conn(self):
         """The body was read to its end: keep the connection for the next request."""
-        if self.connection is None:
+        conn = self._take()
+        if conn is None:
             return
-        conn, self.connection = self.connection, None
         if self._done and self._reusable and not self._crlf_due:
             self._upstream._put(conn)
         else:
@@ -193,9 +199,23 @@ class Response:
 
     def close(self):
         """Drop the connection (a body not read to its end cannot be reused)."""
-        if self.connection is not None:
-            conn, self.connection = self.connection, None
+        conn = self._take()
+        if conn is not None:
             conn.close()
+
+    def abort(self):
+        """From another thread: wake a read blocked on this response, and end it.
+
+        The plain-socket shutdown, even for TLS, leaves the SSL object to the reading
+        thread. A connection already released to the pool is not touched.
+        """
+        with self._conn_lock:
+            if self.connection is None:
+                return
+            try:
+                socket.socket.shutdown(self.connection.sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 class Upstream:

@@ -2,14 +2,19 @@
 
 Per-read socket timeouts cannot stop a client that sends one byte every few seconds,
 and a relay thread blocked on a silent upstream cannot see its client leave. The
-watchdog covers both, ticking every `interval` seconds:
+watchdog covers both, ticking every `interval` seconds over one `Slot` per client
+connection:
 
-- `arm(sock, seconds)` gives a socket a total deadline (request head, request body);
-  past it the socket is shut down, which wakes the blocked reader with EOF.
-- `watch(client_sock, on_gone)` polls a streaming client's socket; when the peer has
-  closed it, `on_gone()` runs (the relay uses it to close the upstream response).
+- `slot.arm(seconds)` gives the connection a total deadline (request head, request
+  body); past it the socket is shut down, which wakes the blocked reader with EOF.
+  `slot.disarm()` lifts it.
+- `slot.watch(on_gone)` polls the client socket while a response streams; when the
+  peer has closed it, `on_gone()` runs once (the relay uses it to close the upstream
+  response). `slot.unwatch()` stops that.
 
-Thread-safe: registrations are under a lock; callbacks run on the watchdog thread and
+A slot is registered once per connection, so arming and watching on the request path
+are plain attribute writes, with no lock (each is one atomic store under the GIL; the
+watchdog reads each field once per tick). Callbacks run on the watchdog thread and
 must be quick and never raise.
 """
 
@@ -51,14 +56,36 @@ def _readable(socks):
     return set(readable)
 
 
+class Slot:
+    """One client connection's deadline and hang-up watch."""
+
+    __slots__ = ("sock", "deadline", "on_gone", "_clock")
+
+    def __init__(self, sock, clock):
+        self.sock = sock
+        self.deadline = None
+        self.on_gone = None
+        self._clock = clock
+
+    def arm(self, seconds):
+        self.deadline = self._clock() + seconds
+
+    def disarm(self):
+        self.deadline = None
+
+    def watch(self, on_gone):
+        self.on_gone = on_gone
+
+    def unwatch(self):
+        self.on_gone = None
+
+
 class Watchdog:
     def __init__(self, interval=0.25, clock=time.monotonic):
         self.interval = interval
         self._clock = clock
         self._lock = threading.Lock()
-        self._deadlines = {}          # token -> (sock, deadline)
-        self._watched = {}            # token -> (sock, on_gone)
-        self._next = 0
+        self._slots = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dario-watchdog", daemon=True)
 
@@ -71,29 +98,15 @@ class Watchdog:
         if self._thread.is_alive():
             self._thread.join(timeout=2)
 
-    def _token(self):
-        self._next += 1
-        return self._next
-
-    def arm(self, sock, seconds):
+    def register(self, sock):
+        slot = Slot(sock, self._clock)
         with self._lock:
-            token = self._token()
-            self._deadlines[token] = (sock, self._clock() + seconds)
-            return token
+            self._slots.add(slot)
+        return slot
 
-    def disarm(self, token):
+    def unregister(self, slot):
         with self._lock:
-            self._deadlines.pop(token, None)
-
-    def watch(self, sock, on_gone):
-        with self._lock:
-            token = self._token()
-            self._watched[token] = (sock, on_gone)
-            return token
-
-    def unwatch(self, token):
-        with self._lock:
-            self._watched.pop(token, None)
+            self._slots.discard(slot)
 
     def _run(self):
         while not self._stop.wait(self.interval):
@@ -102,22 +115,24 @@ class Watchdog:
     def tick(self):
         now = self._clock()
         with self._lock:
-            expired = [(t, s) for t, (s, d) in self._deadlines.items() if d <= now]
-            for token, _ in expired:
-                del self._deadlines[token]
-            watched = list(self._watched.items())
-        for _, sock in expired:
-            log.debug("closing a connection that missed its deadline")
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            slots = list(self._slots)
+        watched = []
+        for slot in slots:
+            deadline = slot.deadline
+            if deadline is not None and deadline <= now:
+                slot.deadline = None
+                log.debug("closing a connection that missed its deadline")
+                try:
+                    slot.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            on_gone = slot.on_gone
+            if on_gone is not None:
+                watched.append((slot, on_gone))
         if not watched:
             return
-        readable = _readable([sock for _, (sock, _) in watched])
-        for token, (sock, on_gone) in watched:
-            if sock in readable and peer_closed(sock):
-                with self._lock:
-                    gone = self._watched.pop(token, None)
-                if gone is not None:
-                    on_gone()
+        readable = _readable([slot.sock for slot, _ in watched])
+        for slot, on_gone in watched:
+            if slot.sock in readable and peer_closed(slot.sock) and slot.on_gone is on_gone:
+                slot.on_gone = None
+                on_gone()
