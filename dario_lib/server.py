@@ -86,7 +86,7 @@ class GatewayServer(ThreadingHTTPServer):
         self.max_connections = max_connections
         self.bus = bus if bus is not None else EventBus()
         self.store = RecordStore(settings.max_records, self.bus, settings.log_file)
-        self.upstream = Upstream(settings.upstream, settings.read_timeout_s, pool_size=256)
+        self.upstream = Upstream(settings.upstream, settings.read_timeout_s, pool_size=64)
         self.notifier = notifier if notifier is not None else Notifier(settings.guard.notify_os)
         self.alerts = Alerts(settings.notify_command, settings.notify_webhook,
                              origin=f"dario@{socket.gethostname()}:{self.server_address[1]}")
@@ -222,7 +222,7 @@ class GatewayServer(ThreadingHTTPServer):
         settings = dataclasses.replace(settings, host=old.host, port=old.port, max_records=old.max_records)
         if (settings.upstream, settings.read_timeout_s) != (old.upstream, old.read_timeout_s):
             # The old session is left to in-flight requests and the garbage collector.
-            self.upstream = Upstream(settings.upstream, settings.read_timeout_s, pool_size=256)
+            self.upstream = Upstream(settings.upstream, settings.read_timeout_s, pool_size=64)
         if settings.log_file != old.log_file:
             self.store.set_log_file(settings.log_file)
         self.account_aliases = {digest: alias for alias, digest in settings.accounts.items()}
