@@ -21,11 +21,11 @@ import json
 import logging
 import os
 import re
-import tempfile
 import threading
 import time
 
 from . import guard as guard_mod, pricing
+from .files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -100,16 +100,10 @@ class Ledger:
         self.appended += 1
 
     def rewrite(self, entries):
-        folder = os.path.dirname(self.path) or "."
+        lines = "".join(json.dumps({"t": t, "account": account, "usd": round(usd, 8)}) + "\n"
+                        for t, account, usd in entries)
         try:
-            os.makedirs(folder, mode=0o700, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".ledger-", suffix=".tmp", dir=folder)
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                for t, account, usd in entries:
-                    fh.write(json.dumps({"t": t, "account": account, "usd": round(usd, 8)}) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
+            write_atomic(self.path, lines.encode())
         except OSError as err:
             raise LedgerError(f"cannot rewrite {self.path}: {err.strerror or err}") from None
         self.appended = 0

@@ -15,10 +15,11 @@ import ipaddress
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from urllib.parse import urlsplit
+
+from .files import write_atomic
 
 DEFAULT_UPSTREAM = "https://api.anthropic.com"
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -500,23 +501,7 @@ def with_value(raw, name, value):
 
 def save_file(path, raw):
     """Write the config atomically: folder 0700, file 0600, temp file then os.replace."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, mode=0o700, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(raw, fh, indent=2, sort_keys=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_atomic(path, (json.dumps(raw, indent=2) + "\n").encode())
 
 
 # -- resolution ---------------------------------------------------------------------

@@ -19,7 +19,8 @@ import plistlib
 import re
 import shlex
 import sys
-import tempfile
+
+from .files import write_atomic
 
 UNIT_NAME = "dario.service"
 LABEL = "com.dario.gateway"
@@ -212,26 +213,6 @@ def disable_commands(kind):
     return [f"systemctl --user stop {UNIT_NAME} && systemctl --user daemon-reload"]
 
 
-def write_atomic(path, data, mode=0o644):
-    """Write bytes through a temp file in the same folder and os.replace (never half a unit)."""
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".dario-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def _read(path):
     try:
         with open(path, "rb") as fh:
@@ -251,7 +232,7 @@ def install(kind, env, out, python=None, script=None):
     if old == data:
         print(f"[dario] {path} is already up to date.", file=out)
     else:
-        write_atomic(path, data)
+        write_atomic(path, data, mode=0o644, folder_mode=0o755)
         print(f"[dario] {'updated' if old is not None else 'wrote'} {path}", file=out)
     print("Enable and start it with:", file=out)
     for command in enable_commands(kind, path, updated=old is not None and old != data):

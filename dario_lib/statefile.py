@@ -10,7 +10,8 @@ No locking here: the guard calls these under its own lock.
 
 import json
 import os
-import tempfile
+
+from .files import write_atomic
 
 ABSENT, OK, CORRUPT = "absent", "ok", "corrupt"
 MAX_TIME_MS = 253_402_300_799_999          # 9999-12-31T23:59:59.999Z: the last time iso() can show
@@ -64,23 +65,7 @@ class StateFile:
 
     def write(self, halts):
         """Save the halts atomically; returns the new signature. Raises OSError on failure."""
-        data = {"halts": halts}
-        folder = os.path.dirname(self.path) or "."
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".guard-state-", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(data, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, self.path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        write_atomic(self.path, json.dumps({"halts": halts}).encode())
         return self.signature()
 
     def remove(self):

@@ -71,7 +71,7 @@ def draw_status(p, top, view, now):
         others = [h for h in guard.get("halts") or [] if isinstance(h, dict)
                   and (h.get("since"), h.get("account")) != (view.halt.get("since"), view.halt.get("account"))]
         if others:
-            p.put(y, 3, f"also halted: " + ", ".join(f"{h.get('account') or 'gateway'} ({reason_text(h.get('reason'))})"
+            p.put(y, 3, "also halted: " + ", ".join(f"{h.get('account') or 'gateway'} ({reason_text(h.get('reason'))})"
                                                       for h in others), "bad")
             y += 1
     else:

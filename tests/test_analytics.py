@@ -5,7 +5,6 @@ import socket
 import threading
 import time
 
-import pytest
 import requests
 
 from dario_lib.client import Client

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import requests
 
 from .helpers import make_settings, parse_response, raw_request, running_gateway
 

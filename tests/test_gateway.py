@@ -10,7 +10,6 @@ import time
 import pytest
 import requests
 
-from dario_lib.simulator import Simulator
 
 from .helpers import make_settings, parse_response, raw_request, running_gateway, sse_events, wait_until
 

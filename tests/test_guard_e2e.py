@@ -10,7 +10,7 @@ import anthropic
 import pytest
 import requests
 
-from .helpers import (TimerFactory, make_settings, parse_response, raw_request, running_gateway,
+from .helpers import (TimerFactory, make_settings, running_gateway,
                       sse_events, wait_until)
 
 MESSAGE = {"model": "claude-opus-4-5", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}

@@ -1,7 +1,6 @@
 import io
 import threading
 
-import pytest
 
 from dario_lib import notify
 from dario_lib.notify import Notifier, command_for
