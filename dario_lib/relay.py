@@ -162,15 +162,14 @@ class Exchange:
 
     def relay(self, resp):
         self._observe(resp)
-        raw = resp
         status = resp.status
-        meter = Meter(raw.headers.get("content-type", ""), raw.headers.get("content-encoding", ""))
+        meter = Meter(resp.headers.get("content-type", ""), resp.headers.get("content-encoding", ""))
         self.record["stream"] = meter.is_stream
         framing, head = self._response_head(resp, status)
         out = self.h.wfile
         self.h.responded = True     # the head is going out: a later failure can only close
         gone = []               # set by the watchdog when the client hangs up
-        self.h.slot.watch(lambda: (gone.append(True), raw.abort()))
+        self.h.slot.watch(lambda: (gone.append(True), resp.abort()))
         outcome, died = "ok", None
         try:
             if framing == "none":
@@ -181,7 +180,7 @@ class Exchange:
                     head = None
                 while True:
                     try:
-                        data = raw.read1(READ_SIZE)
+                        data = resp.read1(READ_SIZE)
                     except _UPSTREAM_READ_ERRORS as err:
                         died = err
                         break
@@ -212,7 +211,7 @@ class Exchange:
         if gone:
             outcome = "client_gone"
         if outcome == "ok" and died is None:
-            raw.release_conn()          # body fully read: the connection goes back to the pool
+            resp.release_conn()         # body fully read: the connection goes back to the pool
         else:
             resp.close()
             self.h.close_connection = True
@@ -229,10 +228,9 @@ class Exchange:
 
     def _response_head(self, resp, status):
         """(body framing towards the client, head bytes) for the upstream's response."""
-        raw = resp
-        named = wire.connection_tokens(raw.headers)
-        lines = list(wire.relayable(raw.headers.items(), named, {"content-length"}))
-        length = raw.headers.get("content-length")
+        named = wire.connection_tokens(resp.headers)
+        lines = list(wire.relayable(resp.headers.items(), named, {"content-length"}))
+        length = resp.headers.get("content-length")
         if self.h.command == "HEAD" or status in (204, 304) or 100 <= status < 200:
             framing = "none"
         elif length is not None and length.strip().isdigit():
