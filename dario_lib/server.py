@@ -327,7 +327,7 @@ def run(settings, reload=None):
     signal.signal(signal.SIGTERM, on_signal)
     if reload is not None and hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, on_hup)
-    server.start()
+    server.start(poll_interval=0.1)      # shutdown waits at most this long for the accept loop
     guard = settings.guard
     log.info("dario %s listening on %s -> %s (guard: %s%s)", __version__, server.url, settings.upstream,
              "off" if not guard.enabled else guard.behavior,

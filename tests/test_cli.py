@@ -297,3 +297,25 @@ def test_demo_runs_offline(home):
     assert "HTTP 503" in result.stdout and "dario_overage_guard" in result.stdout
     assert "Resumed at" in result.stdout and "OVERAGE GUARD HALTED" in result.stderr
     assert not list(home.iterdir())                 # the user's home is untouched
+
+
+def test_sigterm_drains_a_stream_in_flight_then_exits_0(home, proxy):
+    gateway = proxy()
+    payload = json.dumps({"model": "m", "stream": True}).encode()
+    sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+    sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nx-sim-delay-ms: 150\r\n"
+                 b"x-sim-events: 8\r\nContent-Length: %d\r\n\r\n" % len(payload) + payload)
+    received = b""
+    while b"message_start" not in received:
+        received += sock.recv(65536)
+    gateway.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    with pytest.raises(OSError):                    # no longer accepting
+        socket.create_connection(("127.0.0.1", gateway.port), timeout=2).close()
+    while not received.endswith(b"0\r\n\r\n"):
+        piece = sock.recv(65536)
+        assert piece, "the stream was cut instead of drained"
+        received += piece
+    sock.close()
+    assert received.count(b"event: content_block_delta") == 8 and b"message_stop" in received
+    assert gateway.proc.wait(timeout=15) == 0
