@@ -2,9 +2,13 @@
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import socket
 import threading
+import time
+
+import requests
 
 from dario_lib import config
 from dario_lib.server import GatewayServer
@@ -152,3 +156,71 @@ def wait_until(predicate, timeout=5.0, interval=0.01):
         event.wait(interval)
         waited += interval
     return predicate()
+
+
+HAMMER_MESSAGE = {"model": "claude-opus-4-5", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def hammer_until_halt(gateway, sim, clients=32, after_s=0.4, mixed=False):
+    """`clients` threads hammer POST /v1/messages while one overage stream lands.
+
+    Each request carries a unique x-req-id; a client notes the time just before sending,
+    the trigger the time its response headers arrive. Returns the ids sent after that
+    instant ("sent_after"), those of them that reached the simulator ("late": must be
+    none), those answered 503 ("blocked_after"), and the total sent. With `mixed`, the
+    clients alternate plain and streamed requests.
+    """
+    ids = itertools.count(1)
+    sent, results, lock, stop = {}, {}, threading.Lock(), threading.Event()
+    trigger_headers_at = []
+    base = f"http://127.0.0.1:{gateway.port}/v1/messages"
+
+    def client(n):
+        session = requests.Session()
+        stream = mixed and bool(n % 2)
+        while not stop.is_set():
+            rid = str(next(ids))
+            with lock:
+                sent[rid] = time.monotonic_ns()
+            try:
+                resp = session.post(base, json=dict(HAMMER_MESSAGE, stream=stream),
+                                    headers={"x-api-key": "k", "x-req-id": rid}, timeout=10)
+                assert resp.content is not None     # a stream is read to its end
+                status = resp.status_code
+            except requests.RequestException:
+                status = None
+            with lock:
+                results[rid] = status
+            stream = mixed and not stream
+        session.close()
+
+    def trigger():
+        payload = json.dumps(dict(HAMMER_MESSAGE, stream=True)).encode()
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+            sock.sendall((f"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nx-api-key: k\r\n"
+                          f"x-req-id: trigger\r\nx-sim-claim: overage\r\nx-sim-delay-ms: 50\r\n"
+                          f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode() + payload)
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                buf += sock.recv(65536)
+            trigger_headers_at.append(time.monotonic_ns())
+            while sock.recv(65536):
+                pass
+
+    threads = [threading.Thread(target=client, args=(n,), name=f"hammer-{n}") for n in range(clients)]
+    for thread in threads:
+        thread.start()
+    assert wait_until(lambda: len(results) > clients, timeout=10)
+    trig = threading.Thread(target=trigger, name="hammer-trigger")
+    trig.start()
+    trig.join(10)
+    time.sleep(after_s)                         # keep hammering while halted
+    stop.set()
+    for thread in threads:
+        thread.join(15)
+    reached = {req.header("x-req-id") for req in sim.requests}
+    after = trigger_headers_at[0]
+    sent_after = [rid for rid, t in sent.items() if t > after]
+    return {"late": [rid for rid in sent_after if rid in reached],
+            "blocked_after": [rid for rid in sent_after if results.get(rid) == 503],
+            "sent_after": sent_after, "total": len(sent)}

@@ -1,16 +1,12 @@
 """The overage guard end to end: real gateway, simulator and clients over sockets."""
 
-import itertools
 import json
-import socket
-import threading
-import time
 
 import anthropic
 import pytest
 import requests
 
-from .helpers import (TimerFactory, make_settings, running_gateway,
+from .helpers import (TimerFactory, hammer_until_halt, make_settings, running_gateway,
                       sse_events, wait_until)
 
 MESSAGE = {"model": "claude-opus-4-5", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
@@ -85,66 +81,6 @@ def test_upstream_errors_without_claim_never_halt(gateway):
 def test_an_error_status_with_overage_claim_still_halts(gateway):
     assert post(gateway, headers={**OVERAGE, "x-sim-http-status": "429"}).status_code == 429
     assert health(gateway) == "halted"
-
-
-def hammer_until_halt(gateway, sim, clients=32, after_s=0.4):
-    """32 clients hammer while one overage response lands. Returns the figures."""
-    ids = itertools.count(1)
-    sent, results, lock, stop = {}, {}, threading.Lock(), threading.Event()
-    trigger_headers_at = []
-
-    def client():
-        session = requests.Session()
-        while not stop.is_set():
-            rid = str(next(ids))
-            started = time.monotonic_ns()
-            with lock:
-                sent[rid] = started
-            try:
-                status = session.post(url(gateway, "/v1/messages"), json=MESSAGE,
-                                      headers={"x-api-key": "k", "x-req-id": rid}, timeout=10).status_code
-            except requests.RequestException:
-                status = None
-            with lock:
-                results[rid] = status
-        session.close()
-
-    def trigger():
-        payload = json.dumps(dict(MESSAGE, stream=True)).encode()
-        with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
-            sock.sendall((f"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nx-api-key: k\r\n"
-                          f"x-req-id: trigger\r\nx-sim-claim: overage\r\nx-sim-delay-ms: 50\r\n"
-                          f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode() + payload)
-            buf = b""
-            while b"\r\n\r\n" not in buf:
-                buf += sock.recv(65536)
-            trigger_headers_at.append(time.monotonic_ns())
-            while sock.recv(65536):
-                pass
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for thread in threads:
-        thread.start()
-    time.sleep(0.3)
-    trig = threading.Thread(target=trigger)
-    trig.start()
-    trig.join(10)
-    time.sleep(after_s)
-    stop.set()
-    for thread in threads:
-        thread.join(15)
-    reached = {req.header("x-req-id") for req in sim.requests}
-    after = trigger_headers_at[0]
-    late = [rid for rid, t in sent.items() if t > after and rid in reached]
-    blocked_after = [rid for rid, t in sent.items() if t > after and results.get(rid) == 503]
-    in_flight = [rid for rid, t in sent.items() if t <= after and rid in reached
-                 and req_arrival(sim, rid) > after]
-    return {"late": late, "blocked_after": blocked_after, "sent_after": [r for r, t in sent.items() if t > after],
-            "in_flight_at_halt": in_flight, "total": len(sent)}
-
-
-def req_arrival(sim, rid):
-    return next((r.arrived_ns for r in sim.requests if r.header("x-req-id") == rid), 0)
 
 
 def test_no_request_reaches_upstream_after_the_halt_under_32_clients(gateway, sim):

@@ -23,7 +23,7 @@ from dario_lib.events import MAX_SUBSCRIBERS, EventBus
 from dario_lib.guard import Guard
 from dario_lib.statefile import StateFile
 
-from .helpers import FakeClock, TimerFactory, make_settings, running_gateway, wait_until
+from .helpers import FakeClock, TimerFactory, hammer_until_halt, make_settings, running_gateway, wait_until
 from .hostile_kit import MESSAGE, Wire, health, request_bytes, still_serving, url
 
 SLACK_S = 1.5
@@ -230,66 +230,8 @@ def test_a_full_house_of_stuck_subscribers_is_dropped_and_the_slots_come_back(si
 
 # -- the guard under load ---------------------------------------------------------------
 
-def hammer_mixed_until_halt(gateway, sim, clients=64, after_s=0.5):
-    """`clients` threads alternate plain and streamed requests while one overage stream
-    lands; returns which requests were sent after its headers and which reached upstream."""
-    ids = itertools.count(1)
-    sent, results, lock, stop = {}, {}, threading.Lock(), threading.Event()
-    trigger_headers_at = []
-
-    def client(n):
-        session = requests.Session()
-        stream = bool(n % 2)
-        while not stop.is_set():
-            rid = str(next(ids))
-            with lock:
-                sent[rid] = time.monotonic_ns()
-            try:
-                resp = session.post(url(gateway, "/v1/messages"), json=dict(MESSAGE, stream=stream),
-                                    headers={"x-api-key": "k", "x-req-id": rid}, timeout=10)
-                assert resp.content is not None     # a stream is read to its end
-                status = resp.status_code
-            except requests.RequestException:
-                status = None
-            with lock:
-                results[rid] = status
-            stream = not stream
-        session.close()
-
-    def trigger():
-        payload = json.dumps(dict(MESSAGE, stream=True)).encode()
-        with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
-            sock.sendall(request_bytes("POST", "/v1/messages", [
-                ("x-api-key", "k"), ("x-req-id", "trigger"), ("x-sim-claim", "overage"),
-                ("x-sim-delay-ms", "50"), ("Connection", "close")], payload))
-            buf = b""
-            while b"\r\n\r\n" not in buf:
-                buf += sock.recv(65536)
-            trigger_headers_at.append(time.monotonic_ns())
-            while sock.recv(65536):
-                pass
-
-    threads = [threading.Thread(target=client, args=(n,), name=f"hammer-{n}") for n in range(clients)]
-    for thread in threads:
-        thread.start()
-    assert wait_until(lambda: len(results) > clients, timeout=10)
-    trig = threading.Thread(target=trigger, name="hammer-trigger")
-    trig.start()
-    trig.join(10)
-    time.sleep(after_s)                         # keep hammering while halted
-    stop.set()
-    for thread in threads:
-        thread.join(15)
-    reached = {req.header("x-req-id") for req in sim.requests}
-    after = trigger_headers_at[0]
-    sent_after = [rid for rid, t in sent.items() if t > after]
-    return {"late": [rid for rid in sent_after if rid in reached],
-            "blocked_after": [rid for rid in sent_after if results.get(rid) == 503],
-            "sent_after": sent_after, "total": len(sent)}
-
-
 def test_no_request_reaches_upstream_after_the_halt_under_64_mixed_clients(gateway, sim):
-    figures = hammer_mixed_until_halt(gateway, sim)
+    figures = hammer_until_halt(gateway, sim, clients=64, after_s=0.5, mixed=True)
     assert figures["total"] > 100
     assert figures["late"] == []                # the halt-to-block figure: zero
     assert len(figures["sent_after"]) > 32
