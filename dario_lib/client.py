@@ -65,9 +65,6 @@ class Client:
         except ValueError:
             raise GatewayError(status, text) from None
 
-    def health(self):
-        return self.json("GET", "/health")
-
     def status(self):
         return self.json("GET", "/status")
 

@@ -22,7 +22,6 @@ from urllib.parse import urlsplit
 from .files import write_atomic
 
 DEFAULT_UPSTREAM = "https://api.anthropic.com"
-LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 class ConfigError(ValueError):

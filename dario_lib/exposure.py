@@ -10,7 +10,7 @@ Pure functions over immutable settings: safe from any thread.
 
 import hmac
 
-from .wire import HttpError
+from .wire import HttpError, bearer
 
 LOOPBACK_HOST_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
 
@@ -67,22 +67,15 @@ def _matches(candidate, key_bytes):
     return hmac.compare_digest(candidate.strip().encode("latin-1", "replace"), key_bytes)
 
 
-def _bearer(value):
-    if value is None:
-        return None
-    scheme, _, token = value.strip().partition(" ")
-    return token if scheme.lower() == "bearer" else None
-
-
 def check_key(settings, headers):
     """With DARIO_API_KEY set, the request must carry it (see SPEC section 4)."""
     if not settings.api_key:
         return
     key = settings.api_key.encode("utf-8")
-    candidates = [headers.get("x-dario-api-key"), _bearer(headers.get("Proxy-Authorization"))]
+    candidates = [headers.get("x-dario-api-key"), bearer(headers.get("Proxy-Authorization"))]
     if settings.upstream_api_key:
         # The client's own credential headers are replaced upstream, so they may carry it.
-        candidates += [headers.get("x-api-key"), _bearer(headers.get("Authorization"))]
+        candidates += [headers.get("x-api-key"), bearer(headers.get("Authorization"))]
     # Compare against every candidate so timing does not reveal which header was used.
     ok = False
     for candidate in candidates:

@@ -89,10 +89,6 @@ class Guard:
         self.warnings = 0
 
     @property
-    def halts_count(self):
-        return sum(self.trips.values())
-
-    @property
     def halting(self):
         """Does the overage trip halt (rather than warn or nothing)?"""
         return self.config.enabled and self.config.behavior == "halt"

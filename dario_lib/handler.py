@@ -118,7 +118,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             if not self.responded:
                 try:
-                    self.send_json(500, _error("api_error", "internal error in dario; see its log"))
+                    self.send_bytes(500, wire.error_body("api_error", "internal error in dario; see its log"))
                 except OSError:
                     pass
 
@@ -132,7 +132,7 @@ class Handler(BaseHTTPRequestHandler):
         except headers.HeadError as err:
             self.send_error(err.status, err.message)
             return False
-        tokens = wire.connection_tokens(self.headers)
+        self.hop_tokens = tokens = wire.connection_tokens(self.headers)   # relay reuses them
         if "close" in tokens or (self.request_version == "HTTP/1.0" and "keep-alive" not in tokens):
             self.close_connection = True
         else:
@@ -359,6 +359,3 @@ def sse_frame(name, data):
         return b"data: " + payload + b"\n\n"      # records are the stream's default events
     return b"event: " + name.encode() + b"\ndata: " + payload + b"\n\n"
 
-
-def _error(kind, message):
-    return {"type": "error", "error": {"type": kind, "message": message}}

@@ -56,11 +56,6 @@ def account_label(aliases, credential):
     return aliases.get(digest) or "key:" + digest[:8]
 
 
-def _bearer(value):
-    scheme, _, token = (value or "").strip().partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-
-
 def upstream_headers(handler):
     """(headers for upstream, credential used) from the client's request headers."""
     settings = handler.server.settings
@@ -69,7 +64,7 @@ def upstream_headers(handler):
     if settings.upstream_api_key:
         drop |= {"x-api-key", "authorization"}
     out = {}
-    for name, value in wire.relayable(headers.items(), wire.connection_tokens(headers), drop):
+    for name, value in wire.relayable(headers.items(), handler.hop_tokens, drop):
         if name in out:
             out[name] += ", " + value
         else:
@@ -77,7 +72,7 @@ def upstream_headers(handler):
     if settings.upstream_api_key:
         out["x-api-key"] = settings.upstream_api_key
         return out, settings.upstream_api_key
-    credential = headers.get("x-api-key") or _bearer(headers.get("Authorization"))
+    credential = headers.get("x-api-key") or wire.bearer(headers.get("Authorization"))
     return out, credential
 
 
@@ -149,7 +144,7 @@ class Exchange:
             resp = self.server.upstream.send(self.h.command, self.path_and_query, headers, self.body)
         except UpstreamError as err:
             self.finish(err.status, "upstream_error")
-            self.h.send_json(err.status, {"type": "error", "error": {"type": err.kind, "message": err.reason}})
+            self.h.send_bytes(err.status, wire.error_body(err.kind, err.reason))
             return
         self.record["ttfbMs"] = round((time.monotonic() - self.started) * 1000, 2)
         self.relay(resp)
@@ -200,8 +195,7 @@ class Exchange:
                     outcome = "upstream_error"
                     if head is not None:    # nothing sent yet: a clean 502 instead
                         status = 502
-                        self.h.send_json(502, {"type": "error", "error": {
-                            "type": "api_error", "message": "upstream connection lost before the body"}})
+                        self.h.send_bytes(502, wire.error_body("api_error", "upstream connection lost before the body"))
                     else:
                         self._end_after_upstream_death(framing, meter, died)
         except OSError:

@@ -22,7 +22,6 @@ Thread-safe: the pool is behind a lock; a connection belongs to one request at a
 
 import collections
 import re
-import select
 import socket
 import ssl
 import threading
@@ -31,6 +30,8 @@ from urllib.parse import urlsplit
 import requests.certs
 
 from .headers import Headers
+from .watchdog import readable
+from .wire import connection_tokens
 
 CONNECT_TIMEOUT_S = 10
 MAX_HEAD_LINE = 65536
@@ -74,15 +75,7 @@ class _Connection:
     def alive(self):
         """An idle pooled connection is usable only while nothing at all is readable on it
         (readable means the upstream closed it, or sent something unasked)."""
-        try:
-            if hasattr(select, "poll"):         # select() cannot take fds above FD_SETSIZE
-                poller = select.poll()
-                poller.register(self.sock, select.POLLIN)
-                return not poller.poll(0)
-            readable, _, _ = select.select([self.sock], [], [], 0)
-        except (OSError, ValueError):
-            return False
-        return not readable
+        return self.sock.fileno() >= 0 and not readable([self.sock])
 
     def close(self):
         for part in (self.rfile, self.sock):
@@ -106,8 +99,7 @@ class Response:
         self._done = False
         self._chunk_left = 0              # chunked: bytes left in the current chunk
         self._crlf_due = False            # chunked: a chunk's trailing CRLF not read yet
-        tokens = {t.strip().lower() for v in headers.get_all("connection", []) for t in v.split(",")}
-        self._reusable = "close" not in tokens
+        self._reusable = "close" not in connection_tokens(headers)
         codings = [c.strip().lower() for v in headers.get_all("transfer-encoding", []) for c in v.split(",")]
         lengths = {v.strip() for value in headers.get_all("content-length", []) for v in value.split(",")}
         if len(lengths) > 1:
@@ -137,9 +129,7 @@ class Response:
             return b""
         try:
             if self._framing == "length":
-                data = self._rfile.read1(min(size, self._left))
-                if not data:
-                    raise UpstreamReadError("upstream closed the connection mid-body")
+                data = self._read_some(min(size, self._left))
                 self._left -= len(data)
                 self._done = self._left == 0
                 return data
@@ -175,11 +165,15 @@ class Response:
                         self._done = True
                         return b""
                 raise UpstreamReadError("upstream sent too many trailers")
-        data = self._rfile.read1(min(size, self._chunk_left))
-        if not data:
-            raise UpstreamReadError("upstream closed the connection mid-body")
+        data = self._read_some(min(size, self._chunk_left))
         self._chunk_left -= len(data)
         self._crlf_due = self._chunk_left == 0
+        return data
+
+    def _read_some(self, limit):
+        data = self._rfile.read1(limit)
+        if not data:
+            raise UpstreamReadError("upstream closed the connection mid-body")
         return data
 
     def _take(self):

@@ -38,7 +38,7 @@ def peer_closed(sock):
     return data == b""
 
 
-def _readable(socks):
+def readable(socks):
     """The sockets with something to read (or a hang-up) right now."""
     if hasattr(select, "poll"):             # select() cannot take fds above FD_SETSIZE
         poller = select.poll()
@@ -50,10 +50,10 @@ def _readable(socks):
                 poller.register(fd, select.POLLIN)
         return {by_fd[fd] for fd, _ in poller.poll(0) if fd in by_fd}
     try:
-        readable, _, _ = select.select(socks, [], [], 0)
+        ready, _, _ = select.select(socks, [], [], 0)
     except (OSError, ValueError):
         return set(socks)                   # a closed socket: let peer_closed decide
-    return set(readable)
+    return set(ready)
 
 
 class Slot:
@@ -131,8 +131,8 @@ class Watchdog:
                 watched.append((slot, on_gone))
         if not watched:
             return
-        readable = _readable([slot.sock for slot, _ in watched])
+        ready = readable([slot.sock for slot, _ in watched])
         for slot, on_gone in watched:
-            if slot.sock in readable and peer_closed(slot.sock) and slot.on_gone is on_gone:
+            if slot.sock in ready and peer_closed(slot.sock) and slot.on_gone is on_gone:
                 slot.on_gone = None
                 on_gone()

@@ -49,6 +49,12 @@ def error_body(kind, message):
     return json.dumps({"type": "error", "error": {"type": kind, "message": message}}).encode()
 
 
+def bearer(value):
+    """The token of an `Authorization`-style `Bearer TOKEN` value, or None."""
+    scheme, _, token = (value or "").strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
 def connection_tokens(headers):
     """Header names listed in `Connection` (lowercase): also hop-by-hop for this message."""
     names = set()
