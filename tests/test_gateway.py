@@ -394,3 +394,14 @@ def test_100_continue_only_after_the_checks_pass(sim, home):
                     break
                 rest += piece
         assert rest.startswith(b"HTTP/1.1 200")
+
+
+def test_an_upstream_that_closes_idle_connections_is_followed_to_a_fresh_one(home):
+    # CannedUpstream answers once per connection, then closes it without saying so.
+    canned = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+    with CannedUpstream(canned) as upstream, running_gateway(make_settings(home, upstream.url)) as gateway:
+        session = requests.Session()
+        for _ in range(3):
+            time.sleep(0.05)            # the upstream's close has arrived before the next send
+            assert session.get(url(gateway, "/v1/models")).status_code == 200
+        assert len(upstream.seen) == 3
