@@ -5,11 +5,14 @@
 /v1/chat/completions and /v1/models) with the rate-limit headers the real API sends, and
 records every request it receives so a test can check what the gateway forwarded.
 
-Its behaviour is steered by knobs (see DEFAULTS): server-wide defaults set from Python
-(`set_defaults`) or over HTTP (`POST /_sim/defaults`), overridden per request by
-`x-sim-<knob>` headers (`x-sim-delay-ms: 5`). Knobs inject what a gateway must survive:
-error statuses, redirects, slow or hanging responses, connections closed, reset or stalled
-mid-response, junk bodies, every framing (Content-Length, chunked, close-delimited), gzip.
+Its behaviour is steered by knobs (see KNOBS, or `python -m dario_lib.simulator --help`):
+server-wide defaults set from Python (`set_defaults`) or over HTTP (`POST /_sim/defaults`),
+overridden per request by `x-sim-<knob>` headers (`x-sim-delay-ms: 5`). Knobs inject what
+a gateway must survive: error statuses, redirects, slow or hanging responses, connections
+closed, reset or stalled mid-response, junk bodies, every framing (Content-Length,
+chunked, close-delimited), gzip. The `tool` and `tool_input` knobs drive a client's tool
+loop for one round: a user turn is answered with a tool call, and the tool's result with
+text quoting it (so Claude Code runs a real tool through the gateway).
 
 It is also the "direct" baseline of dario's benchmarks, so the hot path is lean: requests
 are parsed by hand rather than through email.parser, nothing is logged, and a response goes
@@ -43,32 +46,38 @@ from urllib.parse import parse_qs
 
 log = logging.getLogger(__name__)
 
-DEFAULTS = {
-    # Rate-limit headers; claim "none" sends none of them.
-    "claim": "five_hour",
-    "status": "allowed",
-    "util5h": "0.12",
-    "util7d": "0.34",
-    "overage_util": "0.0",
-    "overage_status": "rejected",
-    "overage_in_use": "false",
+# Every knob: (name, default, meaning). The header that overrides it for one request is
+# x-sim-<name with "-" for "_">; --help prints this table.
+KNOBS = (
+    # Rate-limit headers.
+    ("claim", "five_hour", 'representative claim sent back; "none" sends no rate-limit headers'),
+    ("status", "allowed", "anthropic-ratelimit-unified-status"),
+    ("util5h", "0.12", "anthropic-ratelimit-unified-5h-utilization"),
+    ("util7d", "0.34", "anthropic-ratelimit-unified-7d-utilization"),
+    ("overage_util", "0.0", "anthropic-ratelimit-unified-overage-utilization"),
+    ("overage_status", "rejected", "anthropic-ratelimit-unified-overage-status"),
+    ("overage_in_use", "false", "anthropic-ratelimit-unified-overage-in-use"),
     # Content.
-    "events": 3,  # text deltas per response; output_tokens is twice this
-    "cache_read": 0,
-    "cache_create": 0,
-    "model": "",  # the model reported back; "" echoes the request's
-    "timestamps": False,  # stamp each text event with "sim_ts" (monotonic ns at write)
+    ("events", 3, "text deltas per response (at most as many for a tool call); "
+                  "output_tokens is twice this"),
+    ("cache_read", 0, "cache_read_input_tokens reported in usage"),
+    ("cache_create", 0, "cache_creation_input_tokens reported in usage"),
+    ("model", "", 'the model reported back; "" echoes the request\'s'),
+    ("timestamps", False, 'stamp each text event with "sim_ts" (monotonic ns at write)'),
+    ("tool", "", "answer a user turn of /v1/messages with a tool_use block calling this tool"),
+    ("tool_input", "{}", "the tool call's input: a JSON object (in a header, its JSON text)"),
     # Timing.
-    "delay_ms": 0,  # before each text event and before the closing events of a stream
-    "headers_delay_ms": 0,  # before the status line
-    "hang_s": 30.0,  # how long fail=hang_mid_stream stalls
+    ("delay_ms", 0, "pause before each text event and before the closing events of a stream"),
+    ("headers_delay_ms", 0, "pause before the status line"),
+    ("hang_s", 30.0, "how long fail=hang_mid_stream stalls"),
     # Transport and failures.
-    "framing": "",  # "" = chunked for streams and length for JSON, or chunked/length/close
-    "gzip": False,
-    "http_status": 200,  # anything else answers an Anthropic-shaped error
-    "fail": "",  # one of FAILS
-    "location": "http://127.0.0.1:9/elsewhere",  # where fail=redirect points
-}
+    ("framing", "", '"" (chunked for streams, Content-Length for JSON), chunked, length or close'),
+    ("gzip", False, "gzip the body (Content-Encoding: gzip)"),
+    ("http_status", 200, "any other status answers an Anthropic-shaped error with it"),
+    ("fail", "", "garbage_sse, redirect, die_mid_stream, reset_mid_stream or hang_mid_stream"),
+    ("location", "http://127.0.0.1:9/elsewhere", "where fail=redirect points"),
+)
+DEFAULTS = {name: default for name, default, _ in KNOBS}
 FRAMINGS = ("", "chunked", "length", "close")
 MID_RESPONSE_FAILS = ("die_mid_stream", "reset_mid_stream", "hang_mid_stream")
 FAILS = ("", "garbage_sse", "redirect") + MID_RESPONSE_FAILS
@@ -160,6 +169,8 @@ def _coerce(knob, value):
         if number < 0 or (knob == "http_status" and not 200 <= number <= 599):
             raise ValueError(f"knob {knob} is out of range: {number}")
         return number
+    if knob == "tool_input":
+        return _tool_input(value)
     text = str(value).strip()
     if "\r" in text or "\n" in text:  # these values end up in response headers
         raise ValueError(f"knob {knob} must be one line")
@@ -167,6 +178,17 @@ def _coerce(knob, value):
     if allowed and text not in allowed:
         raise ValueError(f"knob {knob} must be one of {', '.join(allowed[1:])} or empty")
     return text
+
+
+def _tool_input(value):
+    """The knob tool_input as compact JSON text: from a dict, or from text holding an object."""
+    parsed = value
+    if not isinstance(value, dict):
+        with contextlib.suppress(ValueError):  # not JSON: refused below like any non-object
+            parsed = json.loads(str(value))
+    if not isinstance(parsed, dict):
+        raise ValueError(f"knob tool_input wants a JSON object, not {value!r}")
+    return _dumps(parsed)
 
 
 def _merged(base, updates):
@@ -486,32 +508,64 @@ class _Handler(BaseHTTPRequestHandler):
     def _messages(self, body):
         knobs = self.knobs
         n = knobs["events"]
+        block, pieces = self._content(body, n)
         usage = {"input_tokens": _input_tokens(self.req), "output_tokens": 2 * n,
                  "cache_read_input_tokens": knobs["cache_read"],
                  "cache_creation_input_tokens": knobs["cache_create"]}
+        stop_reason = "tool_use" if block["type"] == "tool_use" else "end_turn"
         message = {"id": f"msg_sim_{self.req.seq}", "type": "message", "role": "assistant",
-                   "model": self.model, "content": [{"type": "text", "text": _text(n)}],
-                   "stop_reason": "end_turn", "stop_sequence": None, "usage": usage}
+                   "model": self.model, "content": [block],
+                   "stop_reason": stop_reason, "stop_sequence": None, "usage": usage}
         if not body.get("stream"):
             return self._send_json(message)
         # The cut comes after message_start, content_block_start, ping and half the deltas.
-        self._send(200, _SSE, self._message_events(message), stream=True, cut_after=3 + n // 2)
+        self._send(200, _SSE, self._message_events(message, pieces), stream=True,
+                   cut_after=3 + len(pieces) // 2)
 
-    def _message_events(self, message):
+    def _content(self, body, n):
+        """The answer's one content block, and the pieces a stream sends it in.
+
+        A tool_result in the last turn is answered with text quoting it; otherwise, with the
+        tool knob set, a user turn is answered with a call of that tool (so a client's tool
+        loop runs one round); anything else gets n words.
+        """
+        last = _last_turn(body)
+        result = _tool_result_text(last)
+        if result is not None:
+            text = f"The tool returned: {result[:200]}"
+            return {"type": "text", "text": text}, _split(text, n)
+        tool = self.knobs["tool"]
+        if tool and last is not None and last.get("role") == "user":
+            arguments = self.knobs["tool_input"]
+            block = {"type": "tool_use", "id": f"toolu_sim_{self.req.seq}", "name": tool,
+                     "input": json.loads(arguments)}
+            return block, _split(arguments, n)
+        return {"type": "text", "text": _text(n)}, [f"word{k} " for k in range(1, n + 1)]
+
+    def _message_events(self, message, pieces):
         start = dict(message, content=[], stop_reason=None,
                      usage=dict(message["usage"], output_tokens=1))
+        block = message["content"][0]
         yield _sse("message_start", {"type": "message_start", "message": start})
-        yield _BLOCK_START
+        if block["type"] == "tool_use":
+            # As the API streams a tool call: the block starts with an empty input, which
+            # then arrives as pieces of JSON text.
+            yield _sse("content_block_start", {"type": "content_block_start", "index": 0,
+                                               "content_block": dict(block, input={})})
+            kind, key = "input_json_delta", "partial_json"
+        else:
+            yield _BLOCK_START
+            kind, key = "text_delta", "text"
         yield _PING
-        for k in range(1, self.knobs["events"] + 1):
+        for piece in pieces:
             self._delay()
             yield _sse("content_block_delta", self._stamped({
-                "type": "content_block_delta", "index": 0,
-                "delta": {"type": "text_delta", "text": f"word{k} "}}))
+                "type": "content_block_delta", "index": 0, "delta": {"type": kind, key: piece}}))
         yield _BLOCK_STOP
         self._delay()
         yield _sse("message_delta", {
-            "type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+            "type": "message_delta",
+            "delta": {"stop_reason": message["stop_reason"], "stop_sequence": None},
             "usage": {"output_tokens": message["usage"]["output_tokens"]}})
         yield _MESSAGE_STOP
 
@@ -738,11 +792,91 @@ def _text(n):
     return "".join(f"word{k} " for k in range(1, n + 1))
 
 
+def _split(text, n):
+    """text cut into at most n pieces (one when n is 0) that join back to it."""
+    n = max(1, n)
+    size = -(-len(text) // n) or 1
+    return [text[i:i + size] for i in range(0, len(text), size)] or [text]
+
+
+def _last_turn(body):
+    """The request's last user or assistant message, or None.
+
+    Messages with role "system" after it are skipped: Claude Code ends its requests with
+    one (per-turn instructions) after the user's turn.
+    """
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return None
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") != "system":
+            return message
+    return None
+
+
+def _tool_result_text(message):
+    """The text of the first tool_result block in message, or None if it carries none.
+
+    A result's content is a string or a list of blocks, of which the text ones count.
+    """
+    content = message.get("content") if message is not None else None
+    if not isinstance(content, list):
+        return None
+    for block in content:
+        if isinstance(block, dict) and block.get("type") == "tool_result":
+            result = block.get("content", "")
+            if isinstance(result, list):
+                texts = (part.get("text") for part in result
+                         if isinstance(part, dict) and part.get("type") == "text")
+                result = "".join(text for text in texts if isinstance(text, str))
+            return result if isinstance(result, str) else ""
+    return None
+
+
+def _help_epilog():
+    """--help's reference: every knob with its header and default, the tool loop, /_sim/*."""
+    lines = ["knobs: server-wide with Simulator(**knobs), set_defaults() or POST /_sim/defaults;",
+             "for one request with the header x-sim-<knob>, \"_\" written \"-\":", ""]
+    for name, default, meaning in KNOBS:
+        header = "x-sim-" + name.replace("_", "-")
+        lines.append(f"  {header}  (knob {name}, default {json.dumps(default)})")
+        lines.append(f"      {meaning}")
+    lines += [
+        "",
+        "tool loop (Claude Code passes headers through ANTHROPIC_CUSTOM_HEADERS,",
+        "one \"Name: value\" per line):",
+        "  x-sim-tool: NAME and x-sim-tool-input: {\"json\": \"object\"}  a POST /v1/messages",
+        "      whose last turn is a user message without a tool_result block (trailing",
+        "      \"system\" messages are skipped) is answered with one tool_use block calling NAME",
+        "      with that input, stop_reason \"tool_use\", streamed or not",
+        "  a request whose last turn carries a tool_result block is answered with text",
+        "      quoting the first 200 characters of that result, with or without the headers",
+        "",
+        "control endpoints (never recorded as requests):",
+        "  POST /_sim/defaults          merge a JSON object of knobs into the defaults;",
+        "                               answers the defaults now in force",
+        "  POST /_sim/reset             forget recorded requests and disconnects and restore",
+        "                               the defaults given at start",
+        "  GET  /_sim/requests?since=N  requests received after sequence number N:",
+        "                               seq, method, path, arrived_ns, id (x-req-id)",
+        "  GET  /_sim/disconnects       clients that hung up mid-response:",
+        "                               seq, at_ns, events_sent",
+        "",
+        "routes: POST /v1/messages (stream or not), POST /v1/messages/count_tokens,",
+        "POST /v1/complete, POST /v1/chat/completions, GET /v1/models, GET /v1/models/{id}.",
+        "On start the simulator prints one line, SIMULATOR_URL http://HOST:PORT; it serves",
+        "until SIGTERM or SIGINT.",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     """Serve until SIGTERM or SIGINT; print the URL as one line for the parent process."""
     parser = argparse.ArgumentParser(prog="python -m dario_lib.simulator",
-                                     description="Simulated Anthropic API upstream.")
-    parser.add_argument("--host", default="127.0.0.1")
+                                     description="Simulated Anthropic API upstream.",
+                                     epilog=_help_epilog(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--claim", default=DEFAULTS["claim"],
                         help="default representative claim; 'none' sends no rate-limit headers")
