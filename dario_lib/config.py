@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from urllib.parse import urlsplit
 
+from . import proxy
 from .files import write_atomic
 
 DEFAULT_UPSTREAM = "https://api.anthropic.com"
@@ -153,6 +154,74 @@ class Url(Text):
         if parts.scheme == "http" and not is_loopback(hostname):
             raise ValueError(self.allowed)
         return value.rstrip("/")
+
+
+class ProxyUrl:
+    """An http:// proxy URL, credentials allowed; "direct" (also "none" or "") for no proxy.
+
+    `secret`: messages about a rejected value never quote it (it may hold a password);
+    `masked` shows a valid one with its credentials as ***.
+    """
+    secret = True
+    allowed = proxy.ALLOWED
+
+    def check(self, value):
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise ValueError(self.allowed)
+        if value.strip().lower() in proxy.DIRECT:
+            return "direct"
+        proxy.parse_url(value)          # ValueError says what is allowed, never the value
+        return value.strip()
+
+    def parse(self, text):
+        return None if text.strip() == "null" else self.check(text)
+
+    def masked(self, value):
+        return proxy.mask(value)
+
+
+class StoreUrl:
+    """Where halts and spend live: "file" ($DARIO_HOME) or a Redis URL.
+
+    `secret`: the URL may hold a password, so messages about a rejected value never
+    quote it; `masked` shows a valid one with its credentials as ***.
+    """
+    secret = True
+    allowed = ("file, redis://[user:password@]host:port/db, rediss://[user:password@]host:port/db "
+               "or unix:///path/to/redis.sock[?db=N]")
+
+    def check(self, value):
+        if not isinstance(value, str) or not value or re.search(r"[\s\x00-\x1f\x7f]", value):
+            raise ValueError(self.allowed)
+        if value == "file":
+            return value
+        try:
+            parts = urlsplit(value)
+            host, port = parts.hostname, parts.port
+        except ValueError:
+            raise ValueError(self.allowed) from None
+        if parts.scheme in ("redis", "rediss"):
+            ok = host and not parts.query and re.fullmatch(r"(/\d{0,5})?", parts.path)
+        elif parts.scheme == "unix":
+            ok = (not host and port is None and len(parts.path) > 1 and parts.path.startswith("/")
+                  and (not parts.query or re.fullmatch(r"db=\d{1,5}", parts.query)))
+        else:
+            ok = False
+        if not ok or parts.fragment:
+            raise ValueError(self.allowed)
+        return value
+
+    def parse(self, text):
+        return self.check(text.strip())
+
+    def masked(self, value):
+        scheme, sep, rest = value.partition("://")
+        netloc, slash, tail = rest.partition("/")
+        if not sep or "@" not in netloc:
+            return value
+        return f"{scheme}://***@{netloc.rpartition('@')[2]}{slash}{tail}"
 
 
 class TextList:
@@ -351,6 +420,11 @@ SCHEMA = (
         env="DARIO_HOST", flag="--host"),
     Key("upstream.url", Url(), DEFAULT_UPSTREAM, "upstream API base URL",
         env="DARIO_UPSTREAM", flag="--upstream"),
+    Key("upstream.proxy", ProxyUrl(), None,
+        "HTTP proxy to the upstream (overrides HTTPS_PROXY/NO_PROXY; direct: none)",
+        env="DARIO_UPSTREAM_PROXY", flag="--upstream-proxy"),
+    Key("upstream.caFile", Text(nullable=True, allowed="a path to a PEM file of CA certificates, or null"),
+        None, "trust only these CA certificates for the upstream's TLS"),
     Key("logFile", Text(nullable=True), None, "append one JSON line per record to this file",
         env="DARIO_LOG_FILE", flag="--log-file"),
     Key("overageGuard.enabled", Bool(), True, "halt/warn on non-subscription billing",
@@ -373,11 +447,26 @@ SCHEMA = (
     Key("notifyCommand", Argv(), None, "command run with each guard event as JSON on stdin"),
     Key("notifyWebhook", WebhookUrl(), None, "URL that receives each guard event as a JSON POST"),
     Key("maxBodyBytes", Int(1024, 1 << 30), 32 * 1024 * 1024, "largest request body accepted"),
+    Key("maxHeadBytesInFlight", Int(1 << 20, 1 << 34), 64 * 1024 * 1024,
+        "request head bytes held by all connections together (503 beyond)"),
+    Key("maxBodyBytesInFlight", Int(1 << 20, 1 << 36), 256 * 1024 * 1024,
+        "request body bytes held by all requests in flight together (503 beyond)"),
     Key("readTimeoutS", Number(1, 3600), 600, "seconds without a byte from upstream before 504"),
     Key("maxRecords", Int(10, 1_000_000), 10_000, "records kept in memory"),
     Key("allowedHosts", TextList(lower=True), (), "extra Host names accepted while bound to loopback"),
     Key("allowedOrigins", TextList(), (), "browser origins allowed to call the gateway"),
     Key("accounts", HashMap(), MappingProxyType({}), "alias -> sha256 hex of a credential"),
+    Key("store.url", StoreUrl(), "file",
+        "where halts and spend live: file ($DARIO_HOME, one host) or a Redis URL a team shares",
+        env="DARIO_STORE", flag="--store"),
+    Key("store.namespace", Text(pattern=r"[A-Za-z0-9_.:-]{1,64}",
+                                allowed="1 to 64 characters from A-Z a-z 0-9 _ . : -"), "dario",
+        "prefix of every Redis key: teams or environments sharing one Redis use different ones"),
+    Key("store.failOpen", Bool(), False,
+        "Redis unreachable: forward on this gateway's own guards (true) or answer 503 (false)"),
+    Key("store.reservationTtlS", Int(1, 3600), 30,
+        "seconds a budget reservation lives in Redis without a heartbeat from its gateway"),
+    Key("store.timeoutMs", Int(10, 10_000), 250, "bound on each Redis call in ms; slower is unavailable"),
 )
 SCHEMA_BY_NAME = {key.name: key for key in SCHEMA}
 
@@ -423,6 +512,19 @@ def _lookup(raw, name):
     return True, node
 
 
+def _quoted(kind, shown):
+    """A rejected value as a message quotes it: never for a kind that may hold credentials."""
+    return "(value hidden: it may hold credentials)" if getattr(kind, "secret", False) else shown
+
+
+def public_value(name, value):
+    """A setting's value as a user, an endpoint or the TUI may see it: credentials masked."""
+    kind = SCHEMA_BY_NAME[name].kind
+    if value is not None and hasattr(kind, "masked"):
+        return kind.masked(value)
+    return _plain(value, kind)
+
+
 def sanitize(raw):
     """Validate a parsed config object: (values by dotted name, warnings for dropped keys)."""
     values, warnings = {}, []
@@ -433,7 +535,7 @@ def sanitize(raw):
         try:
             values[key.name] = key.kind.check(value)
         except ValueError as err:
-            warnings.append(f"config {key.name}: {json.dumps(value)[:80]} is not allowed "
+            warnings.append(f"config {key.name}: {_quoted(key.kind, json.dumps(value)[:80])} is not allowed "
                             f"(expected {err}); using the default {json.dumps(_plain(key.default, key.kind))}")
     return values, warnings
 
@@ -478,7 +580,7 @@ def parse_value(name, text):
     try:
         return key.kind.parse(text)
     except ValueError as err:
-        raise ConfigError(f"invalid value {text!r} for {name} (allowed: {err})") from None
+        raise ConfigError(f"invalid value {_quoted(key.kind, repr(text))} for {name} (allowed: {err})") from None
 
 
 def with_value(raw, name, value):
@@ -531,6 +633,26 @@ class GuardConfig:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    """Where halts and spend are kept (`store.*`); the password also from DARIO_STORE_PASSWORD."""
+    url: str = field(default="file", repr=False)          # may hold a password
+    namespace: str = "dario"
+    fail_open: bool = False
+    reservation_ttl_s: int = 30
+    timeout_ms: int = 250
+    password: str = field(default=None, repr=False)       # DARIO_STORE_PASSWORD (env only)
+
+    @property
+    def kind(self):
+        return "file" if self.url == "file" else "redis"
+
+    def public(self):
+        return {"kind": self.kind, "url": StoreUrl().masked(self.url), "namespace": self.namespace,
+                "failOpen": self.fail_open, "reservationTtlS": self.reservation_ttl_s,
+                "timeoutMs": self.timeout_ms}
+
+
+@dataclass(frozen=True)
 class Settings:
     home: str
     config_path: str
@@ -541,18 +663,23 @@ class Settings:
     log_file: str = None
     verbose: bool = False
     max_body_bytes: int = 32 * 1024 * 1024
+    max_head_bytes_in_flight: int = 64 * 1024 * 1024
+    max_body_bytes_in_flight: int = 256 * 1024 * 1024
     read_timeout_s: float = 600
     max_records: int = 10_000
     allowed_hosts: tuple = ()
     allowed_origins: tuple = ()
     accounts: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
     guard: GuardConfig = GuardConfig()
+    store: StoreConfig = StoreConfig()
     notify_command: tuple = None
     notify_webhook: str = None
     unsafe_no_auth: bool = False
     # Secrets come from the environment only and are kept out of repr().
     api_key: str = field(default=None, repr=False)
     upstream_api_key: str = field(default=None, repr=False)
+    upstream_proxy: str = field(default=None, repr=False)      # may hold proxy credentials
+    upstream_ca_file: str = None
     sources: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))  # setting -> flag/env/file/default
     warnings: tuple = ()
 
@@ -563,7 +690,9 @@ class Settings:
 
 _FIELD_OF = {
     "port": "port", "host": "host", "upstream.url": "upstream", "logFile": "log_file",
+    "upstream.proxy": "upstream_proxy", "upstream.caFile": "upstream_ca_file",
     "maxBodyBytes": "max_body_bytes", "readTimeoutS": "read_timeout_s",
+    "maxHeadBytesInFlight": "max_head_bytes_in_flight", "maxBodyBytesInFlight": "max_body_bytes_in_flight",
     "maxRecords": "max_records", "allowedHosts": "allowed_hosts",
     "allowedOrigins": "allowed_origins", "accounts": "accounts",
     "notifyCommand": "notify_command", "notifyWebhook": "notify_webhook",
@@ -576,6 +705,11 @@ _GUARD_FIELD_OF = {
     "guards.unifiedStatus": "unified_status", "guards.budgets": "budgets",
 }
 
+_STORE_FIELD_OF = {
+    "store.url": "url", "store.namespace": "namespace", "store.failOpen": "fail_open",
+    "store.reservationTtlS": "reservation_ttl_s", "store.timeoutMs": "timeout_ms",
+}
+
 
 def _pick(key, flags, env, file_values):
     """(value, source) for one setting; flag and env text is validated here."""
@@ -585,14 +719,16 @@ def _pick(key, flags, env, file_values):
             try:
                 value = key.kind.parse(value)
             except ValueError as err:
-                raise ConfigError(f"invalid value {value!r} for {key.flag} (allowed: {err})") from None
+                raise ConfigError(f"invalid value {_quoted(key.kind, repr(value))} for {key.flag} "
+                                  f"(allowed: {err})") from None
         return value, "flag"
     if key.env and env.get(key.env, "") != "":
         text = env[key.env]
         try:
             return key.kind.parse(text), "env"
         except ValueError as err:
-            raise ConfigError(f"invalid value {text!r} for {key.env} (allowed: {err})") from None
+            raise ConfigError(f"invalid value {_quoted(key.kind, repr(text))} for {key.env} "
+                              f"(allowed: {err})") from None
     if key.name in file_values:
         return file_values[key.name], "file"
     return key.default, "default"
@@ -604,12 +740,14 @@ def resolve(flags=None, env=os.environ, file_config=None):
     home = dario_home(env)
     if file_config is None:
         file_config = load_file(os.path.join(home, "config.json"))
-    chosen, sources, guard = {}, {}, {}
+    chosen, sources, guard, store = {}, {}, {}, {}
     for key in SCHEMA + (VERBOSE,):
         value, source = _pick(key, flags, env, file_config.values)
         sources[key.name] = source
         if key.name in _GUARD_FIELD_OF:
             guard[_GUARD_FIELD_OF[key.name]] = value
+        elif key.name in _STORE_FIELD_OF:
+            store[_STORE_FIELD_OF[key.name]] = value
         elif key.name == "verbose":
             chosen["verbose"] = value
         else:
@@ -620,6 +758,7 @@ def resolve(flags=None, env=os.environ, file_config=None):
         config_path=file_config.path,
         config_source=file_config.source,
         guard=GuardConfig(**guard),
+        store=StoreConfig(**store, password=env.get("DARIO_STORE_PASSWORD") or None),
         unsafe_no_auth=bool(flags.get("unsafeNoAuth", False)),
         api_key=env.get("DARIO_API_KEY") or None,
         upstream_api_key=env.get("DARIO_UPSTREAM_API_KEY") or None,
