@@ -1,0 +1,340 @@
+"""The Lua scripts of the Redis store (`redis_store.py`): every change to shared state.
+
+Why Lua rather than MULTI/EXEC: a reservation must read the spend and the reservations
+in flight and then decide, atomically. MULTI/EXEC cannot branch on what it reads (the
+reads only return at EXEC), so it would need WATCH and an optimistic retry loop: at
+least three round trips, and under thirty contending gateways a loop that may starve.
+A script runs atomically on the server, branches, reads the server's clock (`TIME`)
+and costs one round trip. Redis runs one script at a time, so every script below is
+a critical section across all gateways.
+
+Each script is PRELUDE + its body. Arguments (no KEYS: every key is built from the
+namespace prefix, so this needs a standalone Redis or a Sentinel set-up, not a Cluster):
+
+    ARGV[1]  key prefix, "<namespace>:"
+    ARGV[2]  clock offset in ms added to TIME: always 0 outside tests (Redis's clock
+             cannot be moved; tests move the team's clock forward through this seam)
+    ARGV[3]  the calling gateway's id (events carry it)
+    ARGV[4…] the script's own, listed above each body
+
+Keys under the prefix:
+    marker                string  random per Redis "life"; its loss means lost state
+    lost                  set     markers whose loss was already turned into a halt
+    halts                 hash    "*" or account label -> halt JSON
+    levels                hash    JSON [key, metric] -> "warn" | "halt" (threshold crossings)
+    reservations          hash    id -> "<micro-dollars>|<account>"
+    expiry                zset    id scored by its expiry (server ms)
+    reserved              hash    "*" or "a:<account>" -> micro-dollars in flight
+    spend:<scope>         hash    minute number -> micro-dollars settled in that minute
+    minutes:<scope>       zset    the same minute numbers, scored by themselves (range scans)
+    total:<scope>:<win>   hash    {from: first minute counted, sum: micro-dollars since}
+    totals:<scope>        set     windows with a running total for this scope
+    settled:<id>          string  a reservation already settled (kept for an hour)
+    events                channel JSON {gateway, type, data}
+
+<scope> is "*" (all traffic) or "a:<account label>". Amounts are integer micro-dollars,
+exact in Lua's doubles up to 2^53. Numbers handed back to redis.call go through int()
+(Lua would otherwise format large ones as 1e+14).
+"""
+
+PRELUDE = r"""
+local P = ARGV[1]
+local gateway = ARGV[3]
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000) + tonumber(ARGV[2])
+local MINUTE = 60000
+local KEEP = 91 * 86400000          -- spend older than the longest window (90 days) is dropped
+local CHUNK = 1000                  -- arguments per HMGET/HDEL: unpack() has a limit
+
+local function int(x) return string.format('%.0f', x) end
+
+local function publish(kind, data_json)
+  redis.call('PUBLISH', P .. 'events',
+    '{"gateway":' .. cjson.encode(gateway) .. ',"type":"' .. kind .. '","data":' .. data_json .. '}')
+end
+
+local function expired(halt_json)
+  local until_ms = cjson.decode(halt_json).cooldownUntil
+  return type(until_ms) == 'number' and until_ms <= now
+end
+
+local function remove_halt(key, halt_json, reason)
+  redis.call('HDEL', P .. 'halts', key)
+  local h = cjson.decode(halt_json)
+  publish('overage_resume', cjson.encode({reason = reason, previousSince = h.since, resumedAt = now,
+    account = h.account, previousReason = h.reason, id = h.id}))
+end
+
+local function unreserve(field, micro)
+  if redis.call('HINCRBY', P .. 'reserved', field, -micro) <= 0 then
+    redis.call('HDEL', P .. 'reserved', field)
+  end
+end
+
+local function release(id)
+  redis.call('ZREM', P .. 'expiry', id)
+  local entry = redis.call('HGET', P .. 'reservations', id)
+  if not entry then return false end
+  redis.call('HDEL', P .. 'reservations', id)
+  local bar = string.find(entry, '|', 1, true)
+  local micro = tonumber(string.sub(entry, 1, bar - 1))
+  unreserve('*', micro)
+  unreserve('a:' .. string.sub(entry, bar + 1), micro)
+  return true
+end
+
+local function prune_reservations()
+  local ids = redis.call('ZRANGEBYSCORE', P .. 'expiry', '-inf', int(now), 'LIMIT', 0, 500)
+  for _, id in ipairs(ids) do release(id) end
+end
+
+local function amounts(scope, minutes, i)
+  return redis.call('HMGET', P .. 'spend:' .. scope, unpack(minutes, i, math.min(i + CHUNK - 1, #minutes)))
+end
+
+local function minutes_sum(scope, lo, hi)
+  local minutes = redis.call('ZRANGEBYSCORE', P .. 'minutes:' .. scope, lo, hi)
+  local sum = 0
+  for i = 1, #minutes, CHUNK do
+    for _, amount in ipairs(amounts(scope, minutes, i)) do sum = sum + (tonumber(amount) or 0) end
+  end
+  return sum
+end
+
+-- Spend in the window: a running total, caught up lazily. Minutes that aged out since the
+-- last look are subtracted (a few per call), so a 90-day window is not re-summed per
+-- request. A missing total (new budget) or one older than the kept spend is rebuilt.
+local function spent(scope, window)
+  local key = P .. 'total:' .. scope .. ':' .. window
+  local cutoff = math.floor((now - window) / MINUTE)        -- the oldest minute counted
+  local kept = redis.call('HMGET', key, 'from', 'sum')
+  local from, sum = tonumber(kept[1]), tonumber(kept[2])
+  if not from or not sum or from < math.floor((now - KEEP) / MINUTE) then
+    sum = minutes_sum(scope, cutoff, '+inf')
+    redis.call('HSET', key, 'from', cutoff, 'sum', int(sum))
+    redis.call('SADD', P .. 'totals:' .. scope, window)
+  elseif from < cutoff then
+    sum = sum - minutes_sum(scope, from, cutoff - 1)
+    redis.call('HSET', key, 'from', cutoff, 'sum', int(sum))
+  end
+  return sum
+end
+
+-- When enough of the oldest spend will have aged out to be under the limit (ms), or 0.
+local function roll(scope, window, limit, sum)
+  local minutes = redis.call('ZRANGEBYSCORE', P .. 'minutes:' .. scope, math.floor((now - window) / MINUTE), '+inf')
+  for i = 1, #minutes, CHUNK do
+    local found = amounts(scope, minutes, i)
+    for j = 1, #found do
+      sum = sum - (tonumber(found[j]) or 0)
+      if sum < limit then return (tonumber(minutes[i + j - 1]) + 1) * MINUTE + window end
+    end
+  end
+  return 0
+end
+
+local function add_spend(scope, minute, micro)
+  local series, minutes = P .. 'spend:' .. scope, P .. 'minutes:' .. scope
+  redis.call('HINCRBY', series, minute, micro)
+  redis.call('ZADD', minutes, minute, minute)
+  local old = redis.call('ZRANGEBYSCORE', minutes, '-inf', '(' .. math.floor((now - KEEP) / MINUTE),
+                         'LIMIT', 0, CHUNK)
+  if #old > 0 then
+    redis.call('HDEL', series, unpack(old))
+    redis.call('ZREM', minutes, unpack(old))
+  end
+  redis.call('PEXPIRE', series, KEEP)
+  redis.call('PEXPIRE', minutes, KEEP)
+  for _, window in ipairs(redis.call('SMEMBERS', P .. 'totals:' .. scope)) do
+    local key = P .. 'total:' .. scope .. ':' .. window
+    if redis.call('EXISTS', key) == 1 then
+      redis.call('HINCRBY', key, 'sum', micro)
+    else
+      redis.call('SREM', P .. 'totals:' .. scope, window)
+    end
+  end
+end
+
+-- Appends spent, reserved and roll time for each budget (from ARGV[first], four arguments
+-- each: scope, window ms, limit micro-dollars, crossing field).
+local function report(out, first)
+  for i = first, #ARGV, 4 do
+    local scope, window, limit = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+    local sum = spent(scope, window)
+    out[#out + 1] = sum
+    out[#out + 1] = tonumber(redis.call('HGET', P .. 'reserved', scope)) or 0
+    out[#out + 1] = sum >= limit and roll(scope, window, limit, sum) or 0
+  end
+  return out
+end
+"""
+
+# ARGV[4] marker this gateway knows ("" if none), [5] account ("" if none),
+# [6] reservation id ("" for none), [7] micro-dollars, [8] ttl ms,
+# [9…] budgets, four arguments each: scope, window ms, limit micro-dollars, and the field in
+# `levels` of the budget's crossing ("" for none).
+# Returns {lost, now, marker, status, refused budget (1-based, 0 none), spent, reserved, halt…}
+GATE = PRELUDE + r"""
+local known, account, id = ARGV[4], ARGV[5], ARGV[6]
+local lost = 0
+local marker = redis.call('GET', P .. 'marker')
+if not marker then
+  marker = gateway .. '/' .. clock[1] .. '.' .. clock[2]
+  redis.call('SET', P .. 'marker', marker)
+end
+-- A marker this gateway knew is gone: Redis lost its state (a restart without persistence,
+-- a flush, a failover to an empty replica). Halt the team once per loss: `lost` remembers
+-- the markers whose loss is already a halt, so gateways that knew the same one follow.
+if known ~= '' and marker ~= known and redis.call('SISMEMBER', P .. 'lost', known) == 0 then
+  lost = 1
+  redis.call('SADD', P .. 'lost', known)
+  local halt = cjson.encode({since = now, cooldownUntil = cjson.null, reason = 'store_state_lost',
+    request = {}, account = cjson.null, detail = {}, id = gateway .. '/' .. clock[1] .. '.' .. clock[2],
+    gateway = gateway})
+  if redis.call('HSETNX', P .. 'halts', '*', halt) == 1 then publish('overage_halt', halt) end
+end
+
+local blocking = {}
+local keys = {'*'}
+if account ~= '' and account ~= '*' then keys[2] = account end
+for _, key in ipairs(keys) do
+  local halt = redis.call('HGET', P .. 'halts', key)
+  if halt then
+    if expired(halt) then remove_halt(key, halt, 'cooldown') else blocking[#blocking + 1] = halt end
+  end
+end
+
+local status, refused, at_spent, at_reserved = 'ok', 0, 0, 0
+if #blocking > 0 then
+  status = 'halted'
+elseif id ~= '' then
+  prune_reservations()
+  if redis.call('HEXISTS', P .. 'reservations', id) == 1 then
+    status = 'reserved'                     -- the same call, retried
+  else
+    for i = 9, #ARGV, 4 do
+      local scope, limit, field = ARGV[i], tonumber(ARGV[i + 2]), ARGV[i + 3]
+      local sum = spent(scope, tonumber(ARGV[i + 1]))
+      local held = tonumber(redis.call('HGET', P .. 'reserved', scope)) or 0
+      -- As budgets.Budgets.reserve: refused while reservations in flight fill the budget.
+      -- Past the limit the guard's halt decides (and a person may have resumed it), but
+      -- only once the crossing is recorded: between the settle that crossed and the
+      -- cross() that halts, another gateway must not slip a request through.
+      if (sum < limit and limit <= sum + held) or (sum >= limit and field ~= ''
+          and redis.call('HGET', P .. 'levels', field) ~= 'halt') then
+        status, refused, at_spent, at_reserved = 'refused', (i - 5) / 4, sum, held
+        break
+      end
+    end
+    if status == 'ok' then
+      redis.call('HSET', P .. 'reservations', id, ARGV[7] .. '|' .. account)
+      redis.call('ZADD', P .. 'expiry', int(now + tonumber(ARGV[8])), id)
+      redis.call('HINCRBY', P .. 'reserved', '*', ARGV[7])
+      redis.call('HINCRBY', P .. 'reserved', 'a:' .. account, ARGV[7])
+      status = 'reserved'
+    end
+  end
+end
+return {lost, now, marker, status, refused, at_spent, at_reserved, unpack(blocking)}
+"""
+
+# ARGV[4] reservation id, [5] account, [6] micro-dollars, [7] how long to remember the id (ms),
+# [8…] budgets to report, four arguments each (as GATE's). Returns {counted, was reserved, now, (spent, reserved, roll)…}
+SETTLE = PRELUDE + r"""
+local id, account, micro = ARGV[4], ARGV[5], tonumber(ARGV[6])
+local counted, held = 0, 0
+if redis.call('SET', P .. 'settled:' .. id, '1', 'NX', 'PX', ARGV[7]) then
+  counted = 1
+  if release(id) then held = 1 end
+  -- Counted even when the reservation expired meanwhile: the cost was incurred.
+  if micro > 0 then
+    local minute = math.floor(now / MINUTE)
+    add_spend('*', minute, ARGV[6])
+    add_spend('a:' .. account, minute, ARGV[6])
+  end
+end
+prune_reservations()
+return report({counted, held, now}, 8)
+"""
+
+# ARGV[4…] budgets, four arguments each (as GATE's). Returns {now, (spent, reserved, roll)…}
+SPENT = PRELUDE + r"""
+prune_reservations()
+return report({now}, 4)
+"""
+
+# ARGV[4] ttl ms, [5…] reservation ids. Returns the ids no longer held (expired or settled).
+REFRESH = PRELUDE + r"""
+prune_reservations()
+local missing = {}
+local until_ms = int(now + tonumber(ARGV[4]))
+for i = 5, #ARGV do
+  if redis.call('HEXISTS', P .. 'reservations', ARGV[i]) == 1 then
+    redis.call('ZADD', P .. 'expiry', 'XX', until_ms, ARGV[i])
+  else
+    missing[#missing + 1] = ARGV[i]
+  end
+end
+return missing
+"""
+
+# ARGV[4] halt key, [5] halt JSON. Sets it only if absent (an expired one is cleared first).
+# Returns {1 or 0, the halt now in place}.
+PUT_HALT = PRELUDE + r"""
+local current = redis.call('HGET', P .. 'halts', ARGV[4])
+if current and expired(current) then
+  remove_halt(ARGV[4], current, 'cooldown')
+  current = false
+end
+if current then return {0, current} end
+redis.call('HSET', P .. 'halts', ARGV[4], ARGV[5])
+publish('overage_halt', ARGV[5])
+return {1, ARGV[5]}
+"""
+
+# ARGV[4] halt key ("" for every halt), [5] expected halt id ("" for any), [6] reason.
+# Returns {now, removed halt JSON…}; publishes one resume event per removed halt, none otherwise.
+CLEAR_HALT = PRELUDE + r"""
+local found = {}
+if ARGV[4] == '' then
+  found = redis.call('HGETALL', P .. 'halts')
+else
+  local halt = redis.call('HGET', P .. 'halts', ARGV[4])
+  if halt then found = {ARGV[4], halt} end
+end
+local out = {now}
+for i = 1, #found, 2 do
+  if ARGV[5] == '' or cjson.decode(found[i + 1]).id == ARGV[5] then
+    remove_halt(found[i], found[i + 1], ARGV[6])
+    out[#out + 1] = found[i + 1]
+  end
+end
+return out
+"""
+
+# ARGV[4] field (JSON [key, metric]), [5] level ("" for none), [6] halt key, [7] halt JSON
+# ("" for none): set, with the level, when the level rises to "halt" and no halt is in place.
+# Returns {previous level or nil, the halt set or nil}.
+CROSS = PRELUDE + r"""
+local rank = {warn = 1, halt = 2}
+local previous = redis.call('HGET', P .. 'levels', ARGV[4])
+if ARGV[5] == '' then
+  if previous then redis.call('HDEL', P .. 'levels', ARGV[4]) end
+elseif previous ~= ARGV[5] then
+  redis.call('HSET', P .. 'levels', ARGV[4], ARGV[5])
+end
+local created = false
+if ARGV[7] ~= '' and ARGV[5] == 'halt' and (rank[previous] or 0) < 2 then
+  local current = redis.call('HGET', P .. 'halts', ARGV[6])
+  if current and expired(current) then
+    remove_halt(ARGV[6], current, 'cooldown')
+    current = false
+  end
+  if not current then
+    redis.call('HSET', P .. 'halts', ARGV[6], ARGV[7])
+    publish('overage_halt', ARGV[7])
+    created = ARGV[7]
+  end
+end
+return {previous, created}
+"""
