@@ -5,6 +5,10 @@ The upstream names the pool in `anthropic-ratelimit-unified-representative-claim
 billed to the subscription count as such, and any string we have never seen is `other`,
 so a new billing mode halts the gateway instead of slipping through.
 
+`parse_ratelimit()` also looks past the claim for every other sign of extra billing
+(`overage-in-use`, a rejected status with overage allowed) and names the first one it
+finds in `billingSignal`: that, not the bucket, is what the guard trips on.
+
 Pure functions, no state: safe from any thread.
 """
 
@@ -86,25 +90,68 @@ def _bounded(value, limit=64):
     return "".join(ch for ch in value if ch.isprintable())
 
 
-def parse_ratelimit(get_header, extra_subscription_claims=frozenset()):
-    """Read the unified rate-limit headers through `get_header(name) -> str|None`.
+def _values(headers, suffix):
+    """Every value of a unified header, a comma-separated value counting as several."""
+    raw = headers.get_all(HEADER_PREFIX + suffix) or []
+    values = [part.strip() for value in raw for part in value.split(",")]
+    # Empty list elements are ignored (RFC 9110 5.6.1), but a header that is present
+    # and empty still counts: as a claim, that is `other`, which trips.
+    return [v for v in values if v] or ([""] if raw else [])
 
-    Returns the record fields they feed, `bucket` included. Values are bounded so a
-    hostile upstream cannot blow up records or log lines.
+
+def parse_ratelimit(headers, extra_subscription_claims=frozenset()):
+    """Read the unified rate-limit headers of a response.
+
+    `headers` has `.get(name)` and `.get_all(name) -> list | None`, case-insensitive
+    (`headers.Headers`). Returns the record fields they feed, including `billingSignal`:
+    the first sign that the response was billed outside the subscription, or None.
+
+    - any representative-claim value outside the subscription and fallback lists
+      (every value of a repeated header counts): `representative-claim=<claim>`;
+    - `overage-in-use: true`: `overage-in-use=true`;
+    - `status: rejected` with `overage-status: allowed|allowed_warning`:
+      `status=rejected+overage-status=<that>` (Claude Code's own test for an answer
+      served from extra usage).
+
+    `overage-utilization` alone never signals (it can read 1 while overage is not in
+    use), nor does a response without unified headers. `claim` is the claim that
+    signalled, else the first one; `bucket` is that claim's, or `extra_usage` for the
+    other two signals. Values kept are bounded so a hostile upstream cannot blow up
+    records or log lines; claims are classified before bounding, so trimming a
+    claim can never make it look like a subscription one.
     """
     def h(suffix):
-        return get_header(HEADER_PREFIX + suffix)
+        return headers.get(HEADER_PREFIX + suffix)
 
-    claim = _bounded(h("representative-claim"))
+    claims = _values(headers, "representative-claim")
+    claim = claims[0] if claims else None
+    bucket, signal = classify(claim, extra_subscription_claims), None
+    for value in claims:
+        value_bucket = classify(value, extra_subscription_claims)
+        if value_bucket in NON_SUBSCRIPTION:
+            claim, bucket = value, value_bucket
+            signal = f"representative-claim={_bounded(value)}"
+            break
+    in_use = [_bool(v) for v in _values(headers, "overage-in-use")]
+    statuses = {v.lower() for v in _values(headers, "status")}
+    overage_statuses = {v.lower() for v in _values(headers, "overage-status")}
+    if signal is None and True in in_use:
+        signal, bucket = "overage-in-use=true", EXTRA_USAGE
+    if signal is None and "rejected" in statuses:
+        allowed = [s for s in ("allowed", "allowed_warning") if s in overage_statuses]
+        if allowed:
+            signal, bucket = f"status=rejected+overage-status={allowed[0]}", EXTRA_USAGE
+    claim = _bounded(claim)
     return {
         "claim": claim if claim is not None else "unknown",
-        "bucket": classify(claim, extra_subscription_claims),
+        "bucket": bucket,
+        "billingSignal": signal,
         "unifiedStatus": _bounded(h("status")) or None,
         "util5h": _fraction(h("5h-utilization")),
         "util7d": _fraction(h("7d-utilization")),
         "overageUtil": _fraction(h("overage-utilization")),
         "overageStatus": _bounded(h("overage-status")) or None,
-        "overageInUse": _bool(h("overage-in-use")),
+        "overageInUse": True if True in in_use else False if False in in_use else None,
         "resetAt": _bounded(h("reset")) or None,
         "fallbackPercent": _fraction(h("fallback-percentage")),
     }

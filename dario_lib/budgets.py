@@ -11,68 +11,185 @@ crossing; a budget halt lifts when enough spend has aged out of the window.
 
 Spend survives restarts in an append-only ledger, `$DARIO_HOME/spend-ledger.jsonl`, kept
 compact by folding entries into one line per minute and account. A ledger that cannot be
-read or written fails closed: the guard halts and says why.
+read, written or trusted fails closed: the guard halts (`budget_ledger_error`) and says
+why. Trusted means every entry is {"t": epoch ms, "account": label, "usd": amount} with
+a finite, non-negative amount (never NaN, a string, or a negative credit), and the file
+is a regular file, not a symlink (it is opened with O_NOFOLLOW).
+
+A request whose `max_tokens` is absurd (not an integer from 0 to 10,000,000) is a
+`BadRequest` (a 400 for the client), so its worst case is always a finite number.
 
 Thread-safe: all state is behind one lock; ledger appends happen under it (short writes).
 """
 
 import collections
+import errno
 import json
 import logging
+import math
 import os
 import re
+import stat
 import threading
 import time
 
-from . import guard as guard_mod, pricing
-from .files import write_atomic
+from . import files, guard as guard_mod, guardtext, pricing
 
 log = logging.getLogger(__name__)
 
 MINUTE_MS = 60_000
 DEFAULT_MAX_TOKENS = 64_000       # the request names none: assume a long answer
+MAX_TOKENS_LIMIT = 10_000_000     # far above any model's output cap; beyond it a request is refused
+MAX_TOKEN_KEYS = ("max_tokens", "max_completion_tokens", "max_tokens_to_sample")
 COMPACT_EVERY = 5_000             # appended lines between compactions
 LEDGER_REASON = "budget_ledger_error"
-_MAX_TOKENS = re.compile(rb'"(?:max_tokens|max_completion_tokens|max_tokens_to_sample)"\s*:\s*(\d{1,9})')
+MAX_TIME_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
+MAX_ENTRY_USD = 1e9
+MAX_ACCOUNT_CHARS = 200
+# The whole number token, however long: a 400-digit value must be seen, not its first digits.
+_MAX_TOKENS = re.compile(rb'"(?:max_tokens|max_completion_tokens|max_tokens_to_sample)"\s*:\s*(-?[0-9][0-9.eE+\-]*)')
+_DIGITS = re.compile(rb"[0-9]+")
+# Append and read without following a symlink, and without waiting on a FIFO;
+# O_CLOEXEC keeps the descriptor out of notification and alert children.
+_OPEN_FLAGS = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
 
 
 class LedgerError(Exception):
     pass
 
 
+class BadRequest(ValueError):
+    """A request dario must refuse with 400 invalid_request_error; `message` says why."""
+
+    def __init__(self, message):
+        super().__init__(message)
+        self.message = message
+
+
+def _bad_max_tokens(key):
+    return BadRequest(f"{key} must be an integer from 0 to {MAX_TOKENS_LIMIT}")
+
+
+def _tokens(key, value):
+    """A max_tokens value as an int in range, None if it is not a number, else BadRequest."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None                 # not a number: the upstream refuses it, nothing is generated
+    if isinstance(value, float):
+        if not value.is_integer():  # 1.5, NaN, and 1e400 (parsed as infinity)
+            raise _bad_max_tokens(key)
+        value = int(value)
+    if not 0 <= value <= MAX_TOKENS_LIMIT:
+        raise _bad_max_tokens(key)
+    return value
+
+
+def _token_text(key, raw):
+    """The same check on the number's text (bodies too big to parse whole)."""
+    if _DIGITS.fullmatch(raw):
+        if len(raw) > len(str(MAX_TOKENS_LIMIT)):
+            raise _bad_max_tokens(key)
+        return _tokens(key, int(raw))
+    try:
+        return _tokens(key, float(raw))
+    except ValueError:              # "1-2", "1e": not a number at all
+        raise _bad_max_tokens(key) from None
+
+
 def max_tokens_of(body, parsed=None):
-    """The output cap a request asks for (its worst case), from the parsed JSON or the text."""
+    """The output cap a request asks for (its worst case), from the parsed JSON or the text.
+
+    With several of the keys present, the largest counts. Raises BadRequest when one is a
+    number that is not an integer from 0 to MAX_TOKENS_LIMIT.
+    """
+    found = []
     if isinstance(parsed, dict):
-        for key in ("max_tokens", "max_completion_tokens", "max_tokens_to_sample"):
-            value = parsed.get(key)
-            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-                return value
-        return DEFAULT_MAX_TOKENS
-    found = _MAX_TOKENS.search(body or b"", 0, 65536)
-    return int(found.group(1)) if found else DEFAULT_MAX_TOKENS
+        for key in MAX_TOKEN_KEYS:
+            value = _tokens(key, parsed.get(key))
+            if value is not None:
+                found.append(value)
+    else:
+        for match in _MAX_TOKENS.finditer(body or b"", 0, 65536):
+            key = match.group(0)[1:].split(b'"', 1)[0].decode("ascii")
+            value = _token_text(key, match.group(1))
+            if value is not None:
+                found.append(value)
+    return max(found) if found else DEFAULT_MAX_TOKENS
 
 
 def worst_case_usd(model, body_len, max_tokens):
-    (p_in, p_out, p_write, _read), _known = pricing.rates(model)
+    """The most a request can cost: every body byte a token at the dearest input rate, plus
+    `max_tokens` of output. Never raises; inputs out of range are clamped."""
+    (p_in, p_out, p_write, _read), _known = pricing.rates(model if isinstance(model, str) else None)
+    body_len = _clamp(body_len, 1 << 40)
+    max_tokens = _clamp(max_tokens, MAX_TOKENS_LIMIT)
     return (body_len * max(p_in, p_write) + max_tokens * p_out) / 1_000_000
 
 
-class Ledger:
-    """One JSON line per settled cost: {"t": epoch ms, "account": label, "usd": amount}."""
+def _clamp(value, high):
+    """An int from 0 to `high`; anything that is not a finite number counts as `high`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return high if value is not None else 0
+    if isinstance(value, float) and not math.isfinite(value):
+        return high
+    return min(max(int(value), 0), high)
 
-    def __init__(self, path):
+
+def valid_usd(usd):
+    """Is this an amount the ledger may hold: a finite number from 0 to MAX_ENTRY_USD?"""
+    return (isinstance(usd, (int, float)) and not isinstance(usd, bool) and math.isfinite(usd)
+            and 0 <= usd <= MAX_ENTRY_USD)
+
+
+def _entry(item):
+    """(t, account, usd) of one parsed ledger line, or None when it is not a trusted entry."""
+    if not isinstance(item, dict):
+        return None
+    t, account, usd = item.get("t"), item.get("account"), item.get("usd")
+    if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= MAX_TIME_MS:
+        return None
+    if not isinstance(account, str) or not 0 < len(account) <= MAX_ACCOUNT_CHARS:
+        return None
+    if not valid_usd(usd):
+        return None
+    return t, account, float(usd)
+
+
+class Ledger:
+    """One JSON line per settled cost: {"t": epoch ms, "account": label, "usd": amount}.
+
+    Opens go through a descriptor `Reserve` (files.process_reserve() by default), so an
+    append still lands when the process is at its open-file limit.
+    """
+
+    def __init__(self, path, reserve=None):
         self.path = path
         self.appended = 0
+        self._reserve = reserve if reserve is not None else files.process_reserve()
+
+    def _open(self, flags):
+        fd = self._reserve.retry(lambda: os.open(self.path, flags | _OPEN_FLAGS, 0o600))
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file")
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
 
     def load(self):
-        """[(t, account, usd)]. A torn last line (a crash mid-write) is skipped."""
+        """[(t, account, usd)]. A torn last line (a crash mid-write) is skipped; any other
+        line that is not a trusted entry raises LedgerError."""
         try:
-            with open(self.path, "rb") as fh:
-                data = fh.read()
+            fd = self._open(os.O_RDONLY)
         except FileNotFoundError:
             return []
         except OSError as err:
-            raise LedgerError(f"cannot read {self.path}: {err.strerror or err}") from None
+            raise LedgerError(f"cannot read {self.path}: {_why(err)}") from None
+        try:
+            with os.fdopen(fd, "rb") as fh:
+                data = fh.read()
+        except OSError as err:
+            raise LedgerError(f"cannot read {self.path}: {_why(err)}") from None
         lines = data.split(b"\n")
         if lines and lines[-1] and not data.endswith(b"\n"):
             lines.pop()
@@ -81,32 +198,46 @@ class Ledger:
             if not line.strip():
                 continue
             try:
-                item = json.loads(line)
-                entries.append((int(item["t"]), str(item["account"]), float(item["usd"])))
-            except (ValueError, KeyError, TypeError):
-                raise LedgerError(f"{self.path} line {number} is not a ledger entry") from None
+                entry = _entry(json.loads(line))
+            except (ValueError, RecursionError):
+                entry = None
+            if entry is None:
+                raise LedgerError(f"{self.path} line {number} is not a ledger entry "
+                                  "(t: epoch ms, account: a label, usd: a finite amount >= 0)")
+            entries.append(entry)
         return entries
 
     def append(self, t, account, usd):
+        if not valid_usd(usd):
+            raise LedgerError(f"refusing to record a cost of {usd!r} in {self.path}")
         line = json.dumps({"t": t, "account": account, "usd": round(usd, 8)}) + "\n"
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            fd = self._open(os.O_WRONLY | os.O_APPEND | os.O_CREAT)
             try:
                 os.write(fd, line.encode())
             finally:
                 os.close(fd)
         except OSError as err:
-            raise LedgerError(f"cannot append to {self.path}: {err.strerror or err}") from None
+            raise LedgerError(f"cannot append to {self.path}: {_why(err)}") from None
         self.appended += 1
 
     def rewrite(self, entries):
+        entries = list(entries)
+        if not all(valid_usd(usd) for _, _, usd in entries):
+            raise LedgerError(f"refusing to compact {self.path}: a total is not a finite amount")
         lines = "".join(json.dumps({"t": t, "account": account, "usd": round(usd, 8)}) + "\n"
                         for t, account, usd in entries)
         try:
-            write_atomic(self.path, lines.encode())
+            self._reserve.retry(lambda: files.write_atomic(self.path, lines.encode()))
         except OSError as err:
-            raise LedgerError(f"cannot rewrite {self.path}: {err.strerror or err}") from None
+            raise LedgerError(f"cannot rewrite {self.path}: {_why(err)}") from None
         self.appended = 0
+
+
+def _why(err):
+    if err.errno == errno.ELOOP:
+        return "it is a symlink; dario only uses a regular file there"
+    return err.strerror or str(err)
 
 
 class Refusal:
@@ -116,13 +247,8 @@ class Refusal:
         self.budget, self.spent, self.reserved = budget, spent, reserved
 
     def response(self):
-        b = self.budget
-        message = (f"dario is holding this request back: the ${b.usd:.2f} budget per {b.window} for "
-                   f"{b.account} is fully committed (${self.spent:.2f} spent, ${self.reserved:.2f} "
-                   "reserved by requests in flight). Retry when they finish, or raise the budget.")
-        body = {"type": "error", "error": {"type": "dario_guard", "message": message,
-                                           "reason": guard_mod.BUDGET}}
-        return {"Retry-After": "5"}, body
+        """(headers, body): retryable, with Retry-After: 5 (guardtext words it)."""
+        return guardtext.refusal_response(self.budget.public(), self.spent, self.reserved)
 
 
 class Budgets:
@@ -186,7 +312,12 @@ class Budgets:
         if reservation is None:
             return
         with self._lock:
-            self._reserved.pop(reservation, None)
+            _, held = self._reserved.pop(reservation, (account, 0.0))
+            if not valid_usd(usd):
+                # A cost that is not a finite amount >= 0 means metering went wrong: charge
+                # the reservation (the worst case), never zero, and never write NaN.
+                log.warning("a request's cost came out as %r; charging its reservation ($%.4f)", usd, held)
+                usd = held
             if usd > 0:
                 now = self._now()
                 self._add_locked(now, account, usd)

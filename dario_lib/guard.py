@@ -15,42 +15,38 @@ the whole gateway (scope `proxy`, the default) or an account label (scope `accou
   `DARIO_HOME` share them) and clear on `clear()` or when their cooldown timer fires.
   Every halt gets a new generation, so a late timer from an earlier halt (a `Timer` can
   fire after `cancel()`) cannot clear a newer one.
+- The overage trip fires on the response's billing signal (`billingSignal`, see
+  billing.parse_ratelimit), named in the halt's `detail.signal`.
 - Events go to the bus under the lock (so they keep their order); loud log lines,
-  desktop notifications and alert channels run after the lock is released.
+  desktop notifications and alert channels run after the lock is released. Their words
+  come from guardtext; a halt adopted from the state file is not announced again.
 
 Time is injected (`clock` in seconds, `timer_factory` shaped like `threading.Timer`).
 Thread-safe: every public method may be called from any thread.
 """
 
 import logging
-import math
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from types import MappingProxyType
 
-from . import billing
+from . import billing, guardtext
+from .guardtext import iso
 from .statefile import ABSENT, CORRUPT
 
 log = logging.getLogger(__name__)
 
 BLOCKED_PATHS = frozenset({"/v1/messages", "/v1/complete", "/v1/chat/completions"})
 WARN_NOTIFY_INTERVAL_S = 60
-OVERAGE = "overage_detected"
-UTILIZATION = "utilization_threshold"
-STATUS_REJECTED = "status_rejected"
-STATUS_WARNING = "status_warning"
-BUDGET = "budget_exceeded"
-BUDGET_WARNING = "budget_warning"
-CORRUPT_REASON = "state_file_corrupt"
+OVERAGE = guardtext.OVERAGE
+UTILIZATION = guardtext.UTILIZATION
+STATUS_REJECTED = guardtext.STATUS_REJECTED
+STATUS_WARNING = guardtext.STATUS_WARNING
+BUDGET = guardtext.BUDGET
+BUDGET_WARNING = guardtext.BUDGET_WARNING
+CORRUPT_REASON = guardtext.CORRUPT
 ALL = object()          # clear(): every halt
-
-
-def iso(ms):
-    """Epoch milliseconds as an ISO-8601 UTC string."""
-    stamp = datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="milliseconds")
-    return stamp.replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)
@@ -70,8 +66,11 @@ class Halt:
 
 class Guard:
     def __init__(self, config, *, bus=None, notifier=None, alerts=None, state_file=None,
-                 clock=time.time, timer_factory=threading.Timer):
+                 clock=time.time, timer_factory=threading.Timer, resume_command=guardtext.DEFAULT_COMMAND):
         self.config = config
+        # The command, as the user can type it, that every message tells them to run
+        # (guardtext.resume_command(port)); an account halt's messages add --account.
+        self.resume_command = resume_command
         self._bus = bus
         self._notifier = notifier
         self._alerts = alerts
@@ -121,7 +120,8 @@ class Guard:
         """
         config = self.config
         checks = bool(config.utilization) or any(config.unified_status.values())
-        overage = config.enabled and rate["bucket"] in billing.NON_SUBSCRIPTION
+        signal = _billing_signal(rate)
+        overage = config.enabled and signal is not None
         if not overage and not checks:
             return None
         key = self._key(request.get("account"))
@@ -129,11 +129,11 @@ class Guard:
         with self._lock:
             self._sync_locked(actions)
             if overage:
+                detail = {"claim": rate.get("claim"), "signal": signal}
                 if config.behavior == "warn":
-                    self._warn_locked(OVERAGE, request, {"claim": rate["claim"]}, actions)
+                    self._warn_locked(OVERAGE, request, detail, actions)
                 elif key not in self._halts:
-                    halt = self._halt_locked(OVERAGE, request, actions, key=key,
-                                             detail={"claim": rate["claim"]})
+                    halt = self._halt_locked(OVERAGE, request, actions, key=key, detail=detail)
             for metric, (warn, stop) in config.utilization.items():
                 value = rate.get(metric)
                 if value is not None:
@@ -229,8 +229,7 @@ class Guard:
                         continue
                     halt = self._adopt_locked(saved, actions)
                     actions.append(lambda h=halt: log.warning(
-                        "STARTING HALTED: a halt saved at %s is still active (%s). %s",
-                        iso(h.since), _cause(h), _how_to_resume(h)))
+                        "%s", guardtext.starting_halted_line(h.public(), self.resume_command)))
                 if len(self._halts) != len(data):
                     self._save_locked(actions)
         _run(actions)
@@ -267,7 +266,10 @@ class Guard:
     # -- transitions (all called with the lock held) -----------------------------
 
     def _halt_locked(self, reason, request, actions, key=None, detail=None, since=None,
-                     cooldown_until=None, persist=True):
+                     cooldown_until=None, persist=True, announce=True):
+        """Record a halt. `announce`: the loud line, bell, notification and alert (a halt
+        adopted from the state file was announced when it was made; its adopter says so
+        in one line of its own)."""
         self._generation += 1
         since = self._now_ms() if since is None else since
         if persist and cooldown_until is None and self.config.cooldown_ms > 0:
@@ -281,7 +283,8 @@ class Guard:
         if persist:
             self._save_locked(actions)
         self._publish("overage_halt", halt.public())
-        actions.append(lambda: self._announce_halt(halt))
+        if announce:
+            actions.append(lambda: self._announce_halt(halt))
         return halt
 
     def _adopt_locked(self, data, actions):
@@ -291,14 +294,13 @@ class Guard:
         account = data.get("account") if isinstance(data.get("account"), str) else None
         return self._halt_locked(str(data.get("reason", OVERAGE))[:64], request, actions, key=account,
                                  detail=detail, since=data["since"],
-                                 cooldown_until=data.get("cooldownUntil"), persist=False)
+                                 cooldown_until=data.get("cooldownUntil"), persist=False, announce=False)
 
     def _fail_closed_locked(self, detail, actions):
-        # No cooldown for a state we cannot read: only a person should clear it.
-        self._halt_locked(CORRUPT_REASON, {}, actions, detail={"error": str(detail)[:200]}, persist=False)
-        actions.append(lambda: log.error(
-            "the saved guard state %s is unreadable (%s); staying halted until `dario resume`",
-            self._file.path, detail))
+        # No cooldown for a state we cannot read: only a person should clear it. This is
+        # a new alarm (nobody announced it yet), so it is announced like any halt.
+        self._halt_locked(CORRUPT_REASON, {}, actions, persist=False,
+                          detail={"error": f"{self._file.path}: {detail}"[:300]})
 
     def _clear_locked(self, key, reason, actions, resumed_at=None):
         halt = self._halts.pop(key)
@@ -383,8 +385,9 @@ class Guard:
                 continue
             if current is not None:
                 self._clear_locked(key, "replaced", actions)
-            self._adopt_locked(data, actions)
-            actions.append(lambda: log.warning("halt shared by another gateway using %s", self._file.path))
+            halt = self._adopt_locked(data, actions)
+            actions.append(lambda h=halt: log.warning(
+                "%s", guardtext.shared_halt_line(h.public(), self._file.path, self.resume_command)))
 
     def _save_locked(self, actions):
         if self._file is None:
@@ -416,28 +419,25 @@ class Guard:
             self._alerts.send(dict(event, event=kind))
 
     def _announce_halt(self, halt):
-        scope = "" if halt.account is None else f" for account {halt.account}"
-        name = "OVERAGE GUARD" if halt.reason == OVERAGE else "GUARD"
-        log.warning("%s HALTED%s at %s (%s): %s. New requests get 503. %s", name, scope, iso(halt.since),
-                    halt.reason, _cause(halt), _how_to_resume(halt))
+        public = halt.public()
+        log.warning("%s", guardtext.halt_line(public, self.resume_command))
         if self._notifier is not None:
-            self._notifier.notify("dario halted", f"{_cause(halt)}. Run dario resume to continue.")
-        self._alert("halt", halt.public())
+            self._notifier.notify(*guardtext.halt_notification(public, self.resume_command))
+        self._alert("halt", dict(public, resumeCommand=guardtext.halt_command(public, self.resume_command)))
 
     def _announce_resume(self, halt, event):
-        scope = "" if halt.account is None else f" for account {halt.account}"
-        log.warning("RESUMED%s (%s) at %s after a halt since %s", scope, event["reason"],
-                    iso(event["resumedAt"]), iso(halt.since))
+        log.warning("%s", guardtext.resume_line(halt.public(), event))
         self._alert("resume", event)
 
     def _announce_warn(self, event, notify):
-        request = event["request"]
-        log.warning("GUARD WARNING (%s): %s for %s (account %s); still forwarding", event["reason"],
-                    _detail_text(event["reason"], event["detail"], request), request.get("model"),
-                    request.get("account"))
+        log.warning("%s", guardtext.warn_line(event))
         if notify and self._notifier is not None:
-            self._notifier.notify("dario warning", _detail_text(event["reason"], event["detail"], request))
+            self._notifier.notify(*guardtext.warn_notification(event))
         self._alert("warn", event)
+
+    def blocked_response(self, halt, now_ms):
+        """(headers, body) of the 503 a guarded request gets while `halt` holds."""
+        return guardtext.blocked_response(halt.public(), now_ms, self.resume_command)
 
 
 def _run(actions):
@@ -445,54 +445,11 @@ def _run(actions):
         action()
 
 
-def _detail_text(reason, detail, request):
-    if reason == OVERAGE:
-        return f"billed as {request.get('claim')!r}, outside the subscription"
-    if reason == UTILIZATION:
-        return f"{detail.get('metric')} at {detail.get('value'):.0%} (threshold {detail.get('threshold'):.0%})"
-    if reason in (STATUS_REJECTED, STATUS_WARNING):
-        return f"unified rate-limit status {detail.get('status')!r}"
-    if reason in (BUDGET, BUDGET_WARNING):
-        return (f"spend ${detail.get('spentUsd', 0):.2f} of the ${detail.get('budgetUsd', 0):.2f} "
-                f"budget per {detail.get('window')} for {detail.get('budgetAccount')}")
-    if reason == "budget_ledger_error":
-        return f"the spend ledger is unusable ({detail.get('error')})"
-    return reason
-
-
-def _cause(halt):
-    request = halt.request
-    if halt.reason == CORRUPT_REASON:
-        return f"the saved guard state could not be read ({halt.detail.get('error')})"
-    if halt.reason == OVERAGE:
-        return (f"{request.get('model') or 'a request'} (account {request.get('account')}) "
-                f"was billed as {request.get('claim')!r}, outside the subscription")
-    return _detail_text(halt.reason, halt.detail, request)
-
-
-def _how_to_resume(halt):
-    flag = "" if halt.account is None else f" --account={halt.account}"
-    if halt.cooldown_until is None:
-        return f"Run `dario resume{flag}` to continue (automatic resume is off)."
-    return f"Run `dario resume{flag}`, or wait for the automatic resume at {iso(halt.cooldown_until)}."
-
-
-def blocked_response(halt, now_ms):
-    """(headers, body) of the 503 a guarded request gets while halted."""
-    headers = {"x-should-retry": "false"}
-    flag = "" if halt.account is None else f" --account={halt.account}"
-    if halt.reason == OVERAGE:
-        message = ("dario halted to prevent API-rate bleed. A request was classified as "
-                   f"'{halt.request.get('claim')}' (non-subscription billing) instead of your "
-                   "subscription pool. ")
-    else:
-        message = f"dario halted ({halt.reason}): {_cause(halt)}. "
-    if halt.cooldown_until is not None:
-        message += (f"To resume: run `dario resume{flag}` in another terminal, or wait until "
-                    f"{iso(halt.cooldown_until)} for the cooldown to auto-clear.")
-        headers["Retry-After"] = str(max(1, math.ceil((halt.cooldown_until - now_ms) / 1000)))
-    else:
-        message += f"To resume: run `dario resume{flag}` in another terminal (automatic resume is off)."
-    kind = "dario_overage_guard" if halt.reason == OVERAGE else "dario_guard"
-    body = {"type": "error", "error": {"type": kind, "message": message, "reason": halt.reason}}
-    return headers, body
+def _billing_signal(rate):
+    """What the overage trip fires on: parse_ratelimit's `billingSignal`. A rate dict
+    made without it (an older caller) falls back to the claim's bucket."""
+    if "billingSignal" in rate:
+        return rate["billingSignal"]
+    if rate.get("bucket") in billing.NON_SUBSCRIPTION:
+        return f"representative-claim={rate.get('claim')}"
+    return None

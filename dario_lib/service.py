@@ -29,6 +29,7 @@ ACTIONS = ("print", "install", "uninstall")
 # The gateway sends READY=1 once it listens and STOPPING=1 when it drains
 # (server.sd_notify), so systemd can wait for a real bind instead of a fork.
 SYSTEMD_TYPE = "notify"
+OPEN_FILES = 65536                  # the service's RLIMIT_NOFILE (soft and hard)
 
 USAGE = """\
 usage: python dario.py service {print,install,uninstall} [--systemd|--launchd]
@@ -109,8 +110,12 @@ def systemd_unit(argv, home, env=None):
         "ExecReload=/bin/kill -HUP $MAINPID",
         "Restart=on-failure",
         "RestartSec=2",
-        "# Exit status 2 is a bad flag, environment value or unsafe bind: restarting won't fix it.",
+        "# Exit status 2 is a bad flag, environment value, unsafe bind or unsafe home:",
+        "# restarting won't fix it.",
         "RestartPreventExitStatus=2",
+        "# Room for many clients; dario keeps its connection cap below this limit, with",
+        "# descriptors to spare for saving a halt.",
+        f"LimitNOFILE={OPEN_FILES}",
         f"Environment={systemd_quote('DARIO_HOME=' + home)}",
     ]
     for name in secrets:
@@ -166,6 +171,10 @@ def launchd_plist(argv, home):
         "ProcessType": "Background",
         "ExitTimeOut": 15,                          # SIGTERM drains for up to 10 s
         "Umask": 0o077,
+        # launchd's default soft limit is 256 open files: room for many clients, with
+        # descriptors to spare for saving a halt (dario caps connections below it).
+        "SoftResourceLimits": {"NumberOfFiles": OPEN_FILES},
+        "HardResourceLimits": {"NumberOfFiles": OPEN_FILES},
     })
 
 

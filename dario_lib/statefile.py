@@ -5,13 +5,22 @@ and removed on resume. Gateways sharing a `DARIO_HOME` notice each other's chang
 the file's signature (mtime, size, inode), which is cheap enough to check before every
 forwarded request.
 
+The file is read without following a symlink (one there reads as corrupt, so the
+guard fails closed), and reads and writes go through a descriptor `Reserve`
+(files.process_reserve() by default): a halt is saved even when the process is out of
+descriptors.
+
 No locking here: the guard calls these under its own lock.
 """
 
+import errno
 import json
 import os
 
-from .files import write_atomic
+from . import files
+
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) \
+    | getattr(os, "O_NONBLOCK", 0)
 
 ABSENT, OK, CORRUPT = "absent", "ok", "corrupt"
 MAX_TIME_MS = 253_402_300_799_999          # 9999-12-31T23:59:59.999Z: the last time iso() can show
@@ -19,8 +28,9 @@ MAX_COOLDOWN_MS = 366 * 86_400_000         # longer than any cooldown or budget 
 
 
 class StateFile:
-    def __init__(self, path):
+    def __init__(self, path, reserve=None):
         self.path = path
+        self._reserve = reserve if reserve is not None else files.process_reserve()
 
     def signature(self):
         try:
@@ -32,10 +42,16 @@ class StateFile:
     def read(self):
         """(ABSENT, None), (OK, [halt dicts]) or (CORRUPT, reason)."""
         try:
-            with open(self.path, encoding="utf-8") as fh:
-                text = fh.read()
+            fd = self._reserve.retry(lambda: os.open(self.path, _READ_FLAGS))
         except FileNotFoundError:
             return ABSENT, None
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                return CORRUPT, "it is a symlink; dario only reads a regular file there"
+            return CORRUPT, str(err)
+        try:
+            with open(fd, encoding="utf-8") as fh:
+                text = fh.read()
         except (OSError, UnicodeDecodeError) as err:
             return CORRUPT, str(err)
         try:
@@ -65,7 +81,8 @@ class StateFile:
 
     def write(self, halts):
         """Save the halts atomically; returns the new signature. Raises OSError on failure."""
-        write_atomic(self.path, json.dumps({"halts": halts}).encode())
+        data = json.dumps({"halts": halts}).encode()
+        self._reserve.retry(lambda: files.write_atomic(self.path, data))
         return self.signature()
 
     def remove(self):

@@ -10,7 +10,7 @@ from hypothesis import given, settings as hsettings, strategies as st
 from dario_lib import guard as guard_mod
 from dario_lib.config import GuardConfig
 from dario_lib.events import EventBus
-from dario_lib.guard import Guard, blocked_response
+from dario_lib.guard import Guard
 from dario_lib.statefile import StateFile
 
 from .helpers import FakeClock, RecordingNotifier, TimerFactory
@@ -20,19 +20,31 @@ REQUEST = {"timestamp": 1, "model": "claude-opus-4-5", "account": "key:abcd1234"
 
 
 def rate(bucket, claim="overage", **values):
-    return {"bucket": bucket, "claim": claim, **values}
+    """A parse_ratelimit()-shaped dict; a non-subscription bucket carries its claim's signal."""
+    signal = f"representative-claim={claim}" if bucket in ("extra_usage", "api", "other") else None
+    return {"bucket": bucket, "claim": claim, "billingSignal": signal, **values}
+
+
+class RecordingAlerts:
+    def __init__(self):
+        self.events = []
+
+    def send(self, event):
+        self.events.append(event)
 
 
 class Rig:
-    def __init__(self, tmp_path, **config):
+    def __init__(self, tmp_path, resume_command="dario resume", **config):
         self.clock = FakeClock()
         self.timers = TimerFactory()
         self.bus = EventBus()
         self.events = self.bus.subscribe()
         self.notifier = RecordingNotifier()
+        self.alerts = RecordingAlerts()
         self.file = StateFile(str(tmp_path / "guard-state.json"))
-        self.guard = Guard(GuardConfig(**config), bus=self.bus, notifier=self.notifier,
-                           state_file=self.file, clock=self.clock, timer_factory=self.timers)
+        self.guard = Guard(GuardConfig(**config), bus=self.bus, notifier=self.notifier, alerts=self.alerts,
+                           state_file=self.file, clock=self.clock, timer_factory=self.timers,
+                           resume_command=resume_command)
 
     def drain_events(self):
         out = []
@@ -107,19 +119,20 @@ def test_cooldown_zero_means_manual_only(tmp_path):
     rig = Rig(tmp_path, cooldown_ms=0)
     halt = rig.guard.observe(rate("extra_usage"), REQUEST)
     assert halt.cooldown_until is None and rig.timers.timers == []
-    headers, body = blocked_response(halt, halt.since)
+    headers, body = rig.guard.blocked_response(halt, halt.since)
     assert "Retry-After" not in headers
     assert "automatic resume is off" in body["error"]["message"]
 
 
 def test_blocked_response_says_how_to_resume(rig):
     halt = rig.guard.observe(rate("extra_usage"), REQUEST)
-    headers, body = blocked_response(halt, halt.since + 10_000)
+    headers, body = rig.guard.blocked_response(halt, halt.since + 10_000)
     assert headers == {"x-should-retry": "false", "Retry-After": "1790"}
     assert body["type"] == "error" and body["error"]["type"] == "dario_overage_guard"
     message = body["error"]["message"]
     assert message.startswith("dario halted to prevent API-rate bleed.")
-    assert "'overage'" in message and "dario resume" in message
+    assert "billed to extra usage (signal representative-claim=overage)" in message
+    assert "dario resume" in message
     assert guard_mod.iso(halt.cooldown_until) in message
 
 
@@ -189,7 +202,7 @@ def test_corrupt_state_file_fails_closed_until_resume(tmp_path, content, caplog)
     assert halt is not None and halt.reason == "state_file_corrupt" and halt.cooldown_until is None
     assert (tmp_path / "guard-state.json").read_text() == content       # evidence kept
     assert "unreadable" in caplog.text
-    _, body = blocked_response(halt, 0)
+    _, body = rig.guard.blocked_response(halt, 0)
     assert "dario resume" in body["error"]["message"]
     assert rig.guard.clear()[0] is True
     assert rig.guard.check() is None and not (tmp_path / "guard-state.json").exists()
@@ -215,6 +228,78 @@ def test_unwritable_home_keeps_halt_in_memory_and_says_so(tmp_path, caplog):
     halt = rig.guard.observe(rate("extra_usage"), REQUEST)
     assert rig.guard.check() == halt
     assert "COULD NOT SAVE THE HALT" in caplog.text
+
+
+# -- billing signals, wording, adopted halts ------------------------------------------
+
+def test_trips_on_the_billing_signal_not_the_bucket(rig):
+    # overage-in-use on a subscription claim: parse_ratelimit names the signal.
+    signalled = {"bucket": "extra_usage", "claim": "five_hour", "billingSignal": "overage-in-use=true"}
+    halt = rig.guard.observe(signalled, dict(REQUEST, claim="five_hour"))
+    assert halt is not None and dict(halt.detail) == {"claim": "five_hour", "signal": "overage-in-use=true"}
+    assert rig.drain_events()[0][1]["detail"]["signal"] == "overage-in-use=true"
+
+
+def test_no_signal_no_trip_whatever_the_bucket_says(rig):
+    assert rig.guard.observe({"bucket": "other", "claim": "x", "billingSignal": None}, REQUEST) is None
+    assert rig.guard.check() is None
+
+
+def test_warn_mode_warns_on_the_signal(tmp_path):
+    rig = Rig(tmp_path, behavior="warn")
+    signal = "status=rejected+overage-status=allowed"
+    assert rig.guard.observe({"bucket": "extra_usage", "claim": "seven_day", "billingSignal": signal},
+                             REQUEST) is None
+    (name, event), = rig.drain_events()
+    assert name == "overage_warn" and event["detail"] == {"claim": "seven_day", "signal": signal}
+    assert rig.notifier.calls == [("dario warning", "Served from extra usage; still forwarding")]
+
+
+def test_every_message_names_the_resume_command_it_was_given(tmp_path, caplog):
+    command = "python3 /opt/dario/dario.py resume --port=4000"
+    rig = Rig(tmp_path, resume_command=command)
+    halt = rig.guard.observe(rate("api", claim="api"), dict(REQUEST, claim="api"))
+    _, body = rig.guard.blocked_response(halt, halt.since)
+    assert f"run `{command}` in another terminal" in body["error"]["message"]
+    assert "billed as API usage" in body["error"]["message"]
+    assert f"Run `{command}`" in caplog.text and "billed as API usage" in caplog.text
+    assert rig.notifier.calls == [("dario halted", f"Billed as API usage (representative-claim=api). Resume: {command}")]
+    (alert,) = rig.alerts.events
+    assert alert["event"] == "halt" and alert["resumeCommand"] == command
+    assert alert["detail"] == {"claim": "api", "signal": "representative-claim=api"}
+
+
+def test_an_account_halt_names_the_account_shell_quoted(tmp_path):
+    rig = Rig(tmp_path, scope="account")
+    halt = rig.guard.observe(rate("extra_usage"), dict(REQUEST, account="team a; rm -rf ~"))
+    _, body = rig.guard.blocked_response(halt, halt.since)
+    assert "run `dario resume --account='team a; rm -rf ~'` in another terminal" in body["error"]["message"]
+    assert rig.alerts.events[0]["resumeCommand"] == "dario resume --account='team a; rm -rf ~'"
+
+
+def test_a_restart_says_starting_halted_once_without_a_second_alarm(tmp_path, caplog):
+    Rig(tmp_path).guard.observe(rate("extra_usage"), REQUEST)
+    caplog.clear()
+    later = Rig(tmp_path, resume_command="dario resume --port=4000")
+    later.guard.start()
+    assert later.guard.check() is not None
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and lines[0].startswith("STARTING HALTED")
+    assert "billed to extra usage" in lines[0] and "`dario resume --port=4000`" in lines[0]
+    assert later.notifier.calls == [] and later.alerts.events == []
+    assert [name for name, _ in later.drain_events()] == ["overage_halt"]      # the TUI still sees it
+
+
+def test_a_halt_adopted_from_a_sibling_is_one_line_not_a_second_alarm(tmp_path, caplog):
+    a, b = Rig(tmp_path), Rig(tmp_path)
+    a.guard.start()
+    b.guard.start()
+    a.guard.observe(rate("extra_usage"), REQUEST)
+    caplog.clear()
+    assert b.guard.check() is not None
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and lines[0].startswith("HALTED by another gateway sharing")
+    assert b.notifier.calls == [] and b.alerts.events == []
 
 
 OPS = st.lists(st.sampled_from(["trip", "resume", "fire_last", "fire_all", "tick"]), max_size=40)

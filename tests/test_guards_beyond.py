@@ -49,7 +49,8 @@ def test_utilization_warns_then_halts_once_per_crossing(sim, home):
         assert blocked.status_code == 503
         error = blocked.json()["error"]
         assert error["type"] == "dario_guard" and error["reason"] == "utilization_threshold"
-        assert "util5h at 96%" in error["message"] and "dario resume" in error["message"]
+        assert "5-hour utilization at 96% (halt at 95%)" in error["message"]
+        assert "dario resume" in error["message"]
         Client(gateway.port).resume()
         assert post(gateway, {"x-sim-util5h": "0.97"}).status_code == 200     # still above: no re-trip
         assert post(gateway).status_code == 200
@@ -168,3 +169,72 @@ def test_per_account_budget_only_counts_that_account(sim, home):
         assert wait_until(lambda: gateway.budgets.status()[0]["spentUsd"] > 0.001)
         assert post(gateway, key="sk-a").status_code == 503
         assert post(gateway, key="sk-b").status_code == 200
+
+
+# -- a ledger that cannot be trusted fails closed (issue 10 item 8) --------------------
+
+@pytest.mark.parametrize("line", [
+    '{"t": 1, "account": "key:aaaaaaaa", "usd": NaN}',
+    '{"t": 1, "account": "key:aaaaaaaa", "usd": "nan"}',
+    '{"t": 1, "account": "key:aaaaaaaa", "usd": -1e6}',
+    '{"t": 1, "account": "key:aaaaaaaa", "usd": Infinity}',
+    '{"t": 1, "account": "key:aaaaaaaa", "usd": "0.5"}',
+    '{"t": true, "account": "key:aaaaaaaa", "usd": 0.5}',
+    '{"t": 1, "account": "", "usd": 0.5}',
+])
+def test_a_ledger_value_that_cannot_be_trusted_halts_instead_of_counting_zero(sim, home, line):
+    configure(home, guards={"budgets": [{"account": "*", "usd": 0.5, "window": "1d"}]})
+    (home / "spend-ledger.jsonl").write_text(line + "\n")
+    with running_gateway(make_settings(home, sim.url)) as gateway:
+        blocked = post(gateway)
+        assert blocked.status_code == 503 and blocked.headers["x-should-retry"] == "false"
+        assert blocked.json()["error"]["reason"] == "budget_ledger_error"
+        assert "line 1 is not a ledger entry" in blocked.json()["error"]["message"]
+        assert sim.requests == []
+    assert (home / "spend-ledger.jsonl").read_text() == line + "\n"      # never compacted away
+
+
+def test_a_symlinked_ledger_is_never_followed(sim, home, tmp_path):
+    configure(home, guards={"budgets": [{"account": "*", "usd": 5, "window": "1d"}]})
+    elsewhere = tmp_path / "elsewhere.jsonl"
+    elsewhere.write_text("")
+    (home / "spend-ledger.jsonl").symlink_to(elsewhere)
+    with running_gateway(make_settings(home, sim.url)) as gateway:
+        blocked = post(gateway)
+        assert blocked.status_code == 503 and blocked.json()["error"]["reason"] == "budget_ledger_error"
+        assert "symlink" in blocked.json()["error"]["message"]
+    assert elsewhere.read_text() == ""
+
+
+def test_a_ledger_symlink_planted_while_running_is_not_appended_through(sim, home, tmp_path):
+    configure(home, guards={"budgets": [{"account": "*", "usd": 5, "window": "1d"}]})
+    elsewhere = tmp_path / "elsewhere.jsonl"
+    elsewhere.write_text("")
+    with running_gateway(make_settings(home, sim.url)) as gateway:
+        (home / "spend-ledger.jsonl").unlink()
+        (home / "spend-ledger.jsonl").symlink_to(elsewhere)
+        assert post(gateway).status_code == 200                # settles: the append is refused
+        assert wait_until(lambda: gateway.guard.snapshot() is not None)
+        assert gateway.guard.snapshot().reason == "budget_ledger_error"
+    assert elsewhere.read_text() == ""
+
+
+def test_a_budget_hold_back_stays_retryable(sim, home):
+    configure(home, guards={"budgets": [{"account": "*", "usd": 0.01, "window": "1d"}]})
+    seed_ledger(home, 0.0099)
+    with running_gateway(make_settings(home, sim.url)) as gateway:
+        held = []
+
+        def slow():
+            held.append(post(gateway, {"x-sim-headers-delay-ms": "400"}))
+
+        first = threading.Thread(target=slow)
+        first.start()
+        assert wait_until(lambda: gateway.budgets.status()[0]["reservedUsd"] > 0)
+        refused = post(gateway)
+        first.join(10)
+        assert held[0].status_code == 200
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "5"
+        assert "x-should-retry" not in refused.headers
+        assert "fully committed" in refused.json()["error"]["message"]
+        assert "for all accounts" in refused.json()["error"]["message"]

@@ -363,7 +363,8 @@ def test_a_corrupt_guard_state_starts_halted_and_says_why(sim, home, name, corru
     try:
         assert requests.get(gateway.url + "/health").json()["guard"] == "halted"
         blocked = requests.post(gateway.url + "/v1/messages", json=MESSAGE)
-        assert blocked.status_code == 503 and "dario resume" in blocked.json()["error"]["message"]
+        message = blocked.json()["error"]["message"]
+        assert blocked.status_code == 503 and f"dario.py resume --port={gateway.port}`" in message
         assert sim.requests == []
         assert requests.post(gateway.url + "/admin/resume", json={}).json()["wasHalted"] is True
         assert requests.post(gateway.url + "/v1/messages", json=MESSAGE).status_code == 200

@@ -28,6 +28,8 @@ HARDENING = {
     "ProtectKernelModules": "yes", "ProtectControlGroups": "yes",
     "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX", "LockPersonality": "yes",
     "RestrictRealtime": "yes", "SystemCallArchitectures": "native", "UMask": "0077",
+    # Room for many clients and a descriptor for saving a halt (issue 10 item 6).
+    "LimitNOFILE": "65536",
 }
 
 
@@ -118,6 +120,8 @@ def test_launchd_plist(env):
     assert plist["KeepAlive"] in (True, {"SuccessfulExit": False})
     assert plist["StandardOutPath"] == os.path.join(logs, "dario.out.log")
     assert plist["StandardErrorPath"] == os.path.join(logs, "dario.err.log")
+    assert plist["SoftResourceLimits"] == {"NumberOfFiles": 65536}
+    assert plist["HardResourceLimits"] == {"NumberOfFiles": 65536}
     assert plist["ProcessType"] == "Background"
 
 
