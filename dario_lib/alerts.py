@@ -5,9 +5,12 @@ named daemon thread delivers it, so a request thread never waits on a slow recei
 
 - `notifyCommand` is an argument list (never a shell string) run with the event JSON on
   stdin, e.g. `["ntfy", "publish", "mytopic"]` or a mail script; exit status 0 is
-  success.
+  success. It runs with `notify.child_env()`: none of dario's secrets in its environment.
 - `notifyWebhook` receives the event JSON by POST through its own `requests` session
   (not the upstream one), with a short timeout and a few retries; any 2xx is success.
+
+The event JSON is ASCII and valid for a strict parser: lone surrogates that came in a
+request (a model name, say) become U+FFFD first (`inert.json_safe`).
 
 A failing channel is logged once (and again once it recovers), never raised. `deliver()`
 runs both synchronously for `dario notify-test`.
@@ -24,7 +27,8 @@ import time
 
 import requests
 
-from . import __version__
+from . import __version__, inert
+from .notify import child_env
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +39,9 @@ QUEUE_SIZE = 256
 
 
 class Alerts:
-    def __init__(self, command=None, webhook=None, origin="dario", sleep=time.sleep):
+    def __init__(self, command=None, webhook=None, origin="dario", sleep=time.sleep, secrets=()):
         self.command = list(command) if command else None
+        self._secrets = tuple(secrets)      # secret values beyond the environment's
         self.webhook = webhook
         self.origin = origin
         self._sleep = sleep
@@ -81,7 +86,8 @@ class Alerts:
 
     def deliver(self, event):
         """Run every channel now: {channel: (ok, detail)}."""
-        payload = json.dumps(dict(event, source=self.origin, version=__version__)).encode()
+        payload = json.dumps(inert.json_safe(dict(event, source=self.origin, version=__version__)),
+                             ensure_ascii=True).encode()
         results = {}
         if self.command:
             results["command"] = self._run_command(payload)
@@ -94,7 +100,8 @@ class Alerts:
     def _run_command(self, payload):
         try:
             done = subprocess.run(self.command, input=payload, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, timeout=COMMAND_TIMEOUT_S, close_fds=True)
+                                  stderr=subprocess.PIPE, timeout=COMMAND_TIMEOUT_S, close_fds=True,
+                                  env=child_env(secrets=self._secrets))
         except FileNotFoundError:
             return False, f"{self.command[0]}: command not found"
         except subprocess.TimeoutExpired:

@@ -2,6 +2,11 @@
 
 Logging is configured here and nowhere else. Every mistake on the command line is one
 line on stderr naming what is wrong plus a hint, and exit status 2.
+
+Everything written to the terminal is inert (`inert.terminal`): log lines through the
+formatter `_setup_logging` installs, whatever module wrote them and with whatever
+arguments; the commands' own lines through `_say`; and another program's answer (the
+gateway's body on an error) is filtered and capped before it is quoted.
 """
 
 import argparse
@@ -10,7 +15,7 @@ import logging
 import os
 import sys
 
-from . import __version__, config
+from . import __version__, config, guardtext, inert, report
 from .client import Client, GatewayDown, GatewayError
 
 log = logging.getLogger("dario")
@@ -49,6 +54,9 @@ Flags for `proxy` (flag > environment > config file > default):
   --host=ADDR              address to bind (default 127.0.0.1)                     [DARIO_HOST]
   --upstream=URL           upstream API (default https://api.anthropic.com;
                            http:// only for loopback hosts)                        [DARIO_UPSTREAM]
+  --upstream-proxy=URL     reach an https upstream through this HTTP proxy
+                           (http://[user:password@]host:port; "direct" for none);
+                           default: HTTPS_PROXY and NO_PROXY                       [DARIO_UPSTREAM_PROXY]
   --log-file=PATH          append one JSON line per request record                 [DARIO_LOG_FILE]
   --overage-guard          turn the overage guard on (the default)                 [DARIO_OVERAGE_GUARD=on]
   --no-overage-guard       turn it off: nothing is detected                        [DARIO_OVERAGE_GUARD=off]
@@ -61,6 +69,9 @@ Flags for `proxy` (flag > environment > config file > default):
   --no-overage-notify      no desktop notification (the terminal bell still rings) [DARIO_OVERAGE_NOTIFY=off]
   -v, --verbose            debug logging                                           [DARIO_VERBOSE]
   --unsafe-no-auth         allow a non-loopback --host without DARIO_API_KEY
+  --unsafe-home            start even when DARIO_HOME or a file in it is writable by
+                           others, owned by another user, or a symlink (refused
+                           otherwise, exit 2)
 
 Flags for `resume` and `status`:
   --port=N                 the gateway's port (--port > DARIO_PORT > config > 3456)
@@ -76,7 +87,9 @@ Environment:
   DARIO_API_KEY            require this key from clients (x-dario-api-key or
                            Proxy-Authorization: Bearer); resume/status send it too
   DARIO_UPSTREAM_API_KEY   send this key upstream as x-api-key instead of the client's
-  DARIO_PORT, DARIO_HOST, DARIO_UPSTREAM, DARIO_LOG_FILE, DARIO_OVERAGE_GUARD,
+  HTTPS_PROXY, NO_PROXY    the proxy for an https upstream, as requests reads them
+                           (--upstream-proxy overrides them)
+  DARIO_PORT, DARIO_HOST, DARIO_UPSTREAM, DARIO_UPSTREAM_PROXY, DARIO_LOG_FILE, DARIO_OVERAGE_GUARD,
   DARIO_OVERAGE_BEHAVIOR, DARIO_OVERAGE_COOLDOWN, DARIO_OVERAGE_NOTIFY, DARIO_VERBOSE
                            as the flags above; booleans take 1/0, true/false, on/off, yes/no
 
@@ -86,7 +99,7 @@ Point clients at http://127.0.0.1:3456 (not "localhost": Node tries ::1 first), 
   openai.OpenAI(base_url="http://127.0.0.1:3456/v1", api_key=...)
 
 Exit status: 0 ok; 1 no gateway, cannot bind, or an HTTP error; 2 bad command, flag,
-environment value or unsafe bind.
+environment value, unsafe bind or unsafe home.
 """
 
 
@@ -112,9 +125,29 @@ class Parser(argparse.ArgumentParser):
         return known
 
 
+class InertFormatter(logging.Formatter):
+    """`[dario] <message>` with the message made inert.
+
+    Log arguments carry text from clients and the upstream (model names, account
+    labels, claims, error messages): each line of the message, and of a traceback, goes
+    through `inert.terminal`, so nothing logged can write a raw control character or an
+    escape sequence to the terminal, split one line into two, or fail to encode.
+    """
+
+    PREFIX = "[dario] "
+
+    def format(self, record):
+        lines = [self.PREFIX + inert.terminal(record.getMessage())]
+        if record.exc_info:
+            lines += map(inert.terminal, self.formatException(record.exc_info).splitlines())
+        if record.stack_info:
+            lines += map(inert.terminal, self.formatStack(record.stack_info).splitlines())
+        return "\n".join(lines)
+
+
 def _setup_logging(verbose=False):
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("[dario] %(message)s"))
+    handler.setFormatter(InertFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -122,8 +155,20 @@ def _setup_logging(verbose=False):
     logging.getLogger("urllib3").setLevel(logging.WARNING)
 
 
+def _say(text, stream=None):
+    """Print dario's text, each line inert, whatever the stream's encoding can hold."""
+    stream = stream or sys.stdout
+    text = "\n".join(inert.terminal(line) for line in str(text).split("\n"))
+    try:
+        print(text, file=stream)
+    except UnicodeEncodeError:
+        # A terminal in a legacy encoding (e.g. Latin-1) that cannot show a model name.
+        encoding = getattr(stream, "encoding", None) or "ascii"
+        print(text.encode(encoding, "backslashreplace").decode(encoding), file=stream)
+
+
 def _fail(message, status=1):
-    print(f"[dario] {message}", file=sys.stderr)
+    _say(f"[dario] {message}", sys.stderr)
     return status
 
 
@@ -134,6 +179,7 @@ def _proxy_parser():
     p.add_argument("--port", dest="port")
     p.add_argument("--host", dest="host")
     p.add_argument("--upstream", dest="upstream.url")
+    p.add_argument("--upstream-proxy", dest="upstream.proxy")
     p.add_argument("--log-file", dest="logFile")
     p.add_argument("--overage-guard", dest="overageGuard.enabled", action="store_const", const=True)
     p.add_argument("--no-overage-guard", dest="overageGuard.enabled", action="store_const", const=False)
@@ -143,6 +189,7 @@ def _proxy_parser():
     p.add_argument("--no-overage-notify", dest="overageGuard.notifyOs", action="store_const", const=False)
     p.add_argument("-v", "--verbose", dest="verbose", action="store_const", const=True)
     p.add_argument("--unsafe-no-auth", dest="unsafeNoAuth", action="store_true")
+    p.add_argument("--unsafe-home", dest="unsafe_home", action="store_true")
     return p
 
 
@@ -151,11 +198,21 @@ def cmd_proxy(args):
     if opts.pop("help"):
         print(HELP)
         return 0
+    unsafe_home = opts.pop("unsafe_home")
     flags = {name: value for name, value in opts.items() if value is not None}
     settings = config.resolve(flags, os.environ)
     _setup_logging(settings.verbose)
     for warning in settings.warnings:
         log.warning("%s", warning)
+    from .homecheck import problems
+    unsafe = problems(settings.home)
+    if unsafe and not unsafe_home:
+        for line in unsafe:
+            _say(f"[dario] unsafe home: {line}", sys.stderr)
+        return _fail("refusing to start: whoever can write these can clear a halt, erase spend or "
+                     "choose a program dario runs. Fix them, or pass --unsafe-home to start anyway.", 2)
+    for line in unsafe:
+        log.warning("UNSAFE HOME (--unsafe-home): %s", line)
     if not settings.bound_to_loopback and not settings.api_key and not settings.unsafe_no_auth:
         return _fail(
             f"refusing to listen on {settings.host} without DARIO_API_KEY: anyone who can reach "
@@ -180,28 +237,45 @@ def _client_port(args, prog, extra=(), options=()):
     return opts, config.client_port(opts.port, os.environ)
 
 
+BODY_LIMIT = 500                # characters of another program's answer quoted on an error
+
+
+def _not_running(port):
+    return f"No gateway running on 127.0.0.1:{port}. Start one with `{report.start_command(port)}`"
+
+
+def _http_error(what, status, body, client):
+    """The one line for an error answer: what to do about a 401, and the body, inert and capped."""
+    message = f"{what} request returned HTTP {status}."
+    if status == 401:
+        message += (" DARIO_API_KEY is set but the gateway refused it: set it to the gateway's key"
+                    if client.api_key else " The gateway wants a key: set DARIO_API_KEY to the gateway's key")
+        message += " (it is sent as x-dario-api-key)."
+    return _fail(f"{message} Body: {inert.terminal(body, BODY_LIMIT)}")
+
+
 def cmd_resume(args):
     opts, port = _client_port(args, "dario resume", options=("--account",))
     if opts.help:
         print(HELP)
         return 0
     body = {"account": opts.account} if opts.account else {}
+    client = Client(port)
     try:
-        status, text = Client(port).request("POST", "/admin/resume", body)
+        status, text = client.request("POST", "/admin/resume", body)
     except GatewayDown:
-        return _fail(f"No proxy running on localhost:{port}. Start one with `dario proxy` "
-                     "(overage-guard state lives in the running proxy; there is nothing to "
-                     "resume on a stopped one).")
-    if not 200 <= status < 300:
-        return _fail(f"Resume request returned HTTP {status}. Body: {text[:500]}")
+        return _fail(f"{_not_running(port)} (overage-guard state lives in the running gateway; "
+                     "there is nothing to resume on a stopped one).")
     try:
-        result = json.loads(text)
+        result = json.loads(text) if 200 <= status < 300 else None
     except ValueError:
-        return _fail(f"Resume request returned HTTP {status}. Body: {text[:500]}")
+        result = None
+    if not isinstance(result, dict):
+        return _http_error("Resume", status, text, client)
     if result.get("wasHalted"):
-        print(f"[dario] Resumed at {result.get('resumedAt')}. Proxy returning to normal request handling.")
+        _say(f"[dario] Resumed at {result.get('resumedAt')}. Gateway returning to normal request handling.")
     else:
-        print("[dario] Proxy was not halted — no-op. (Overage-guard state was already clear.)")
+        _say("[dario] Gateway was not halted — no-op. (Overage-guard state was already clear.)")
     return 0
 
 
@@ -210,17 +284,22 @@ def cmd_status(args):
     if opts.help:
         print(HELP)
         return 0
+    client = Client(port)
     try:
-        status = Client(port).status()
+        status = client.status()
     except GatewayDown:
-        return _fail(f"No gateway running on localhost:{port}. Start one with `dario proxy`.")
+        return _fail(f"{_not_running(port)}.")
     except GatewayError as err:
-        return _fail(f"Status request returned HTTP {err.status}. Body: {err.body[:500]}")
+        return _http_error("Status", err.status, err.body, client)
     if opts.json:
-        print(json.dumps(status, indent=2))
+        print(json.dumps(status, indent=2))         # ASCII: json escapes everything else
         return 0
-    from .report import status_text
-    print(status_text(status))
+    try:
+        text = report.status_text(status, command=guardtext.resume_command(port))
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        return _fail(f"the gateway on 127.0.0.1:{port} sent a /status this dario cannot read "
+                     f"({type(err).__name__}: {err}); try `dario status --json`.")
+    _say(text)
     return 0
 
 
@@ -276,17 +355,18 @@ def cmd_notify_test(args):
         raise UsageError(f"unknown argument for `dario notify-test`: {args[0]}")
     _setup_logging()
     from .alerts import Alerts
-    from .notify import Notifier
+    from .notify import Notifier, secrets_of
     settings = config.resolve({}, os.environ)
     for warning in settings.warnings:
         log.warning("%s", warning)
     event = {"event": "test", "reason": "notify_test", "message": "dario notify-test: alerts reach you"}
-    notifier = Notifier(settings.guard.notify_os)
+    notifier = Notifier(settings.guard.notify_os, secrets=secrets_of(settings))
     notifier.notify("dario test", event["message"])
     print("bell: rung on stderr")
     print("desktop: " + ("sent (best effort; cannot be confirmed)" if settings.guard.notify_os
                          else "off (overageGuard.notifyOs)"))
-    alerts = Alerts(settings.notify_command, settings.notify_webhook, origin="dario notify-test")
+    alerts = Alerts(settings.notify_command, settings.notify_webhook, origin="dario notify-test",
+                    secrets=secrets_of(settings))
     if not alerts.configured:
         print("notifyCommand, notifyWebhook: not configured (see `dario config set notifyWebhook URL`)")
         return 0
@@ -294,7 +374,7 @@ def cmd_notify_test(args):
     for channel in ("command", "webhook"):
         if channel in results:
             ok, detail = results[channel]
-            print(f"{channel}: {'ok' if ok else 'FAILED'} ({detail})")
+            _say(f"{channel}: {'ok' if ok else 'FAILED'} ({detail})")     # detail quotes the program's stderr
     return 0 if all(ok for ok, _ in results.values()) else 1
 
 

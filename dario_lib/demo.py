@@ -68,7 +68,7 @@ def run():
         _say(f"\n4. Resume from any shell with `python dario.py resume --port={gateway.port}`")
         _say("   (or press R in the TUI, or wait for the cooldown). Resuming now:")
         result = Client(gateway.port).resume()
-        _say(f"  [dario] Resumed at {result['resumedAt']}. Proxy returning to normal request handling.")
+        _say(f"  [dario] Resumed at {result['resumedAt']}. Gateway returning to normal request handling.")
         _send(base, session, "request 6")
         _say("\nThat is the whole loop. Run `python dario.py proxy` to protect real traffic.")
         return 0

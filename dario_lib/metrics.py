@@ -2,12 +2,14 @@
 
 Series: requests and tokens by model, account, bucket and outcome; guard state and
 trips by reason; spend by budget; the relay latency and time-to-first-byte histograms.
-Label values are the record's own (bounded in number by the record store) and escaped.
+Label values are the record's own (bounded in number by the record store) and go
+through `inert.prom_label`: a model name from a request can neither break the format nor
+(with a lone surrogate) keep the body from encoding to UTF-8.
 
 `render` reads copies taken under the owners' locks: safe from any thread.
 """
 
-from . import __version__
+from . import __version__, inert
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 TOKEN_KINDS = (("inputTokens", "input"), ("outputTokens", "output"),
@@ -36,14 +38,10 @@ class Histogram:
         return other
 
 
-def _escape(value):
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
 def _labels(**labels):
     if not labels:
         return ""
-    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items()) + "}"
+    return "{" + ",".join(f'{k}="{inert.prom_label(v)}"' for k, v in labels.items()) + "}"
 
 
 def _number(value):
@@ -74,23 +72,26 @@ class _Out:
 def render(server):
     out = _Out()
     series, latency, ttfb = server.store.metrics_copy()
+    # Sorted by the labels' text: a label that is not a str (None, say) cannot make
+    # the comparison raise.
+    series = sorted(series.items(), key=lambda item: tuple(map(str, item[0])))
     guard = server.guard
     halts = guard.halts()
 
     out.family("dario_info", "gauge", "Build information.")
     out.sample("dario_info", 1, version=__version__)
     out.family("dario_requests_total", "counter", "Requests to forwarded routes.")
-    for (model, account, bucket, outcome), values in sorted(series.items()):
+    for (model, account, bucket, outcome), values in series:
         out.sample("dario_requests_total", values["requests"], model=model, account=account,
                    bucket=bucket, outcome=outcome)
     out.family("dario_tokens_total", "counter", "Metered tokens.")
-    for (model, account, bucket, outcome), values in sorted(series.items()):
+    for (model, account, bucket, outcome), values in series:
         for field, kind in TOKEN_KINDS:
             if values[field]:
                 out.sample("dario_tokens_total", values[field], model=model, account=account,
                            bucket=bucket, outcome=outcome, kind=kind)
     out.family("dario_cost_usd_total", "counter", "Estimated cost in USD.")
-    for (model, account, bucket, outcome), values in sorted(series.items()):
+    for (model, account, bucket, outcome), values in series:
         if values["costUsd"]:
             out.sample("dario_cost_usd_total", values["costUsd"], model=model, account=account,
                        bucket=bucket, outcome=outcome)

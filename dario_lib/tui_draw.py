@@ -3,14 +3,16 @@ tab bar and footer, and the overlays (help, record details).
 
 Runs on the UI thread only. `Painter` is the one place that writes to curses: it clips
 every write to the window and maps style names to colours or, without colours, to
-bold/reverse, so no caller has to think about the terminal's size or abilities. Text
-from the gateway is stripped of control characters before it is drawn.
+bold/reverse, so no caller has to think about the terminal's size or abilities. Every
+write goes through `clean`, i.e. `inert.terminal`: text from the gateway (model names,
+claims, account labels, error bodies) cannot move the cursor or change colours.
 """
 
 import curses
 import json
 import time
 
+from . import inert
 from .billing import NON_SUBSCRIPTION
 from .report import duration
 
@@ -92,8 +94,10 @@ def _styles(color):
 # -- text -------------------------------------------------------------------------
 
 def clean(text):
-    """Printable text only: a model name must not be able to move the cursor."""
-    text = str(text)
+    """Text safe to draw: controls shown as escapes (`inert.terminal`), so a model name
+    cannot move the cursor; what is still unprintable after that (zero-width and format
+    characters, unassigned code points) becomes "?", so columns stay where they are."""
+    text = inert.terminal(text)
     if text.isprintable():
         return text
     return "".join(ch if ch.isprintable() else "?" for ch in text)

@@ -22,6 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from . import guardtext
 from .client import GatewayDown, GatewayError
 
 log = logging.getLogger(__name__)
@@ -156,8 +157,7 @@ class Feed:
             if name == "overage_halt":
                 if self._halt is None:
                     self._halt = data
-                    self._notice = Notice(f"HALT: {reason_text(data.get('reason'))} "
-                                          f"({request.get('claim') or ''} {request.get('model') or ''}); "
+                    self._notice = Notice(f"HALT: {guardtext.title(data)} ({request.get('model') or 'a request'}); "
                                           "new requests get 503", "bad", self.clock())
             elif name == "overage_resume":
                 halt = self._halt
@@ -166,8 +166,7 @@ class Feed:
                     self._halt = None
                 self._notice = Notice(f"guard back to normal ({data.get('reason')})", "good", self.clock())
             elif name == "overage_warn":
-                self._notice = Notice(f"warning: {reason_text(data.get('reason'))} "
-                                      f"({request.get('claim') or ''} {request.get('model') or ''})",
+                self._notice = Notice(f"warning: {guardtext.title(data)} ({request.get('model') or 'a request'})",
                                       "warn", self.clock())
         # Several halts can be current (one per account): /status has the whole picture.
         self._wake.set()
@@ -224,11 +223,10 @@ class Feed:
             self.set_status(self.client.status(), seq)
             return True
         except GatewayDown:
-            self.set_down(f"gateway not running on port {self.client.port}, retrying")
+            self.set_down(f"no gateway running on 127.0.0.1:{self.client.port}, retrying")
         except GatewayError as err:
-            self.set_down(f"gateway on port {self.client.port} answered HTTP {err.status}"
-                          f"{' (is DARIO_API_KEY right?)' if err.status == 401 else ''}: "
-                          f"{_first_line(err.body)}", link="error")
+            self.set_down(f"the gateway on 127.0.0.1:{self.client.port} answered HTTP {err.status}"
+                          f"{key_hint(err.status, self.client.api_key)}: {_first_line(err.body)}", link="error")
         return False
 
     def _fetch_analytics(self):
@@ -241,10 +239,11 @@ class Feed:
         try:
             result = self.client.resume()
         except GatewayDown:
-            self.notify(f"resume failed: gateway not running on port {self.client.port}", "bad")
+            self.notify(f"resume failed: no gateway running on 127.0.0.1:{self.client.port}", "bad")
             return
         except GatewayError as err:
-            self.notify(f"resume failed: HTTP {err.status}: {_first_line(err.body)}", "bad")
+            self.notify(f"resume failed: HTTP {err.status}{key_hint(err.status, self.client.api_key)}: "
+                        f"{_first_line(err.body)}", "bad")
             return
         if result.get("wasHalted"):
             with self._lock:
@@ -270,16 +269,13 @@ class Feed:
             delay = min(delay * 2, self.backoff[1])
 
 
-REASONS = {"overage_detected": "overage billing detected",
-           "utilization_threshold": "utilization threshold crossed",
-           "status_rejected": "unified rate-limit status rejected",
-           "status_warning": "unified rate-limit status warning",
-           "budget_exceeded": "spend budget exceeded", "budget_warning": "spend budget nearly used",
-           "state_file_corrupt": "saved guard state unreadable"}
-
-
-def reason_text(reason):
-    return REASONS.get(reason) or str(reason or "overage_detected").replace("_", " ")
+def key_hint(status, api_key):
+    """What to do about a 401 (nothing for other statuses)."""
+    if status != 401:
+        return ""
+    if api_key:
+        return " (DARIO_API_KEY is set but refused: set it to the gateway's key, sent as x-dario-api-key)"
+    return " (set DARIO_API_KEY to the gateway's key; it is sent as x-dario-api-key)"
 
 
 def _first_line(text, limit=120):

@@ -1,48 +1,41 @@
 """The TUI's four tabs (Status, Config, Analytics, Hits), drawn from a `tui_feed.View`.
 
 Runs on the UI thread only and only reads: the View, the clock value it is handed and
-the UI state the caller passes in. Every write goes through `tui_draw.Painter`.
+the UI state the caller passes in. Every write goes through `tui_draw.Painter`. A halt is
+worded by `guardtext`, as everywhere else.
 """
 
 import textwrap
 
-from . import billing, config
-from .report import duration
+from . import billing, config, guardtext
+from .report import duration, start_command
 from .tui_draw import (ago, bar, clean, clock_time, compact, countdown, fit, percent, value_text)
-from .tui_feed import reason_text
 
 NON_SUBSCRIPTION = billing.NON_SUBSCRIPTION
 
 
 # -- Status -----------------------------------------------------------------------
 
-def cause_text(halt):
-    """The cause line of a halt: the claim for an overage halt, else the reason and detail."""
-    request, detail = halt.get("request") or {}, halt.get("detail") or {}
-    reason = halt.get("reason") or "overage_detected"
-    if reason == "overage_detected":
-        return f"representative-claim = {request.get('claim') or detail.get('claim')}"
-    return f"{reason}: " + ", ".join(f"{k} = {v}" for k, v in detail.items())
-
-
-def draw_halt_block(p, y, halt, now):
+def draw_halt_block(p, y, halt, now, command):
+    """The red block of a halt; `command` is the base resume command to suggest."""
     request = halt.get("request") or {}
     since = halt.get("since") or 0
     scope = f" for account {halt['account']}" if halt.get("account") else ""
-    p.line(y, f" HALTED{scope}  {reason_text(halt.get('reason'))} {ago(since, now)} (since {clock_time(since)})",
+    p.line(y, f" HALTED{scope}  {guardtext.title(halt)}{p.dot}{ago(since, now)} (since {clock_time(since)})",
            "banner")
+    cause = textwrap.wrap(clean(guardtext.cause(halt)), max(20, p.size[1] - 14))[:2] or [""]
     rows = [
         ("request", p.dot.join(clean(v) for v in (request.get("model") or "unknown model",
                                                   f"account {request.get('account')}",
-                                                  request.get("path") or "") if v)),
-        ("cause", cause_text(halt)),
+                                                  request.get("path") or "") if v), "normal"),
+        *[("cause" if i == 0 else "", line, "bad") for i, line in enumerate(cause)],
         ("resume", countdown(halt, now) + (f" (at {clock_time(halt['cooldownUntil'])})"
-                                            if halt.get("cooldownUntil") else "")),
-        ("", f"R resume{p.dot}r refresh"),
+                                            if halt.get("cooldownUntil") else ""), "bold"),
+        ("", f"R resume{p.dot}r refresh{p.dot}or run `{guardtext.halt_command(halt, command)}`", "normal"),
     ]
-    for offset, (label, text) in enumerate(rows, start=1):
+    for offset, (label, text, style) in enumerate(rows, start=1):
         p.put(y + offset, 3, label)
-        p.put(y + offset, 13, text, "bad" if label == "cause" else "bold" if label == "resume" else "normal")
+        p.put(y + offset, 13, text, style)
     return y + len(rows) + 1
 
 
@@ -57,21 +50,24 @@ def draw_status(p, top, view, now):
     y = top
     status = view.status
     if status is None:
-        p.put(y, 1, view.error or f"connecting to 127.0.0.1:{view.port} ...",
-              "bad" if view.link != "connecting" else "bold")
-        p.put(y + 1, 3, "Start one with `python dario.py proxy` (or `dario proxy`)."
-              if view.link == "down" else "")
+        # Wrapped: what to do (a 401 names the variable to set) comes after the address.
+        text = clean(view.error or f"connecting to the gateway on 127.0.0.1:{view.port} ...")
+        lines = textwrap.wrap(text, max(10, p.size[1] - 2))[:4] or [""]
+        for line in lines:
+            p.put(y, 1, line, "bad" if view.link != "connecting" else "bold")
+            y += 1
+        p.put(y, 3, f"Start one with `{start_command(view.port)}`." if view.link == "down" else "")
         if view.updated_at is not None:
-            p.put(y + 2, 3, f"last seen {duration(now - view.updated_at)} ago", "dim")
+            p.put(y + 1, 3, f"last seen {duration(now - view.updated_at)} ago", "dim")
         return
     guard = status.get("guard") or {}
     cfg = guard.get("config") or {}
     if view.halt:
-        y = draw_halt_block(p, y, view.halt, now)
+        y = draw_halt_block(p, y, view.halt, now, guardtext.resume_command(view.port))
         others = [h for h in guard.get("halts") or [] if isinstance(h, dict)
                   and (h.get("since"), h.get("account")) != (view.halt.get("since"), view.halt.get("account"))]
         if others:
-            p.put(y, 3, "also halted: " + ", ".join(f"{h.get('account') or 'gateway'} ({reason_text(h.get('reason'))})"
+            p.put(y, 3, "also halted: " + ", ".join(f"{h.get('account') or 'gateway'} ({guardtext.title(h)})"
                                                       for h in others), "bad")
             y += 1
     else:
@@ -282,7 +278,7 @@ def draw_hits(p, top, view, selected, now):
     if view.halt:
         halt = view.halt
         request = halt.get("request") or {}
-        p.line(y, f" HALTED {ago(halt.get('since') or 0, now)}{p.dot}{cause_text(halt)}{p.dot}"
+        p.line(y, f" HALTED {ago(halt.get('since') or 0, now)}{p.dot}{guardtext.title(halt)}{p.dot}"
                   f"{request.get('model')}", "banner")
         p.line(y + 1, f" {countdown(halt, now)}{p.dot}R resume", "banner")
         y += 2

@@ -161,8 +161,9 @@ def test_no_traceback_when_a_client_hangs_up(home, proxy):
 
 # -- resume and status ----------------------------------------------------------------
 
-NOT_RUNNING = ("[dario] No proxy running on localhost:{port}. Start one with `dario proxy` (overage-guard "
-               "state lives in the running proxy; there is nothing to resume on a stopped one).\n")
+NOT_RUNNING = re.compile(r"\[dario\] No gateway running on 127\.0\.0\.1:(\d+)\. Start one with `\S+ \S*dario\.py "
+                         r"proxy --port=\1` \(overage-guard state lives in the running gateway; there is "
+                         r"nothing to resume on a stopped one\)\.\n")
 
 
 def free_port():
@@ -174,7 +175,8 @@ def free_port():
 def test_resume_with_no_gateway(home):
     port = free_port()
     result = run(["resume", f"--port={port}"], home)
-    assert result.returncode == 1 and result.stderr == NOT_RUNNING.format(port=port)
+    found = NOT_RUNNING.fullmatch(result.stderr)
+    assert result.returncode == 1 and found and found.group(1) == str(port), result.stderr
 
 
 def test_resume_port_from_env_and_config(home):
@@ -188,22 +190,29 @@ def test_resume_not_halted_then_halted(home, proxy):
     gateway = proxy()
     result = run(["resume", f"--port={gateway.port}"], home)
     assert result.returncode == 0
-    assert result.stdout == "[dario] Proxy was not halted — no-op. (Overage-guard state was already clear.)\n"
+    assert result.stdout == "[dario] Gateway was not halted — no-op. (Overage-guard state was already clear.)\n"
     requests.post(gateway.url + "/v1/messages", json={"model": "m"}, headers={"x-sim-claim": "overage"})
     result = run(["resume", f"--port={gateway.port}"], home)
     assert result.returncode == 0
-    assert re.fullmatch(r"\[dario\] Resumed at \d{4}-\d\d-\d\dT[\d:.]+Z\. Proxy returning to normal "
+    assert re.fullmatch(r"\[dario\] Resumed at \d{4}-\d\d-\d\dT[\d:.]+Z\. Gateway returning to normal "
                         r"request handling\.\n", result.stdout)
     assert requests.get(gateway.url + "/health").json()["guard"] == "normal"
     assert gateway.stop() == 0 and "RESUMED (manual)" in gateway.log
 
 
-def test_resume_http_error_and_api_key(home, proxy):
+def test_resume_and_status_answered_401_say_which_variable_to_set(home, proxy):
     gateway = proxy(env={"DARIO_API_KEY": "gw-key"})
-    result = run(["resume", f"--port={gateway.port}"], home, {"DARIO_API_KEY": "wrong"})
-    assert result.returncode == 1
-    assert result.stderr.startswith("[dario] Resume request returned HTTP 401. Body: {")
-    assert "gw-key" not in result.stderr
+    for command in ("resume", "status"):
+        wrong = run([command, f"--port={gateway.port}"], home, {"DARIO_API_KEY": "wrong"})
+        assert wrong.returncode == 1 and wrong.stderr.count("\n") == 1
+        assert wrong.stderr.startswith(f"[dario] {command.title()} request returned HTTP 401. DARIO_API_KEY is set "
+                                       "but the gateway refused it: set it to the gateway's key (it is sent as "
+                                       "x-dario-api-key). Body: {")
+        unset = run([command, f"--port={gateway.port}"], home)
+        assert unset.returncode == 1
+        assert "The gateway wants a key: set DARIO_API_KEY to the gateway's key (it is sent as x-dario-api-key)" \
+            in unset.stderr
+        assert "gw-key" not in wrong.stderr + unset.stderr
     assert run(["resume", f"--port={gateway.port}"], home, {"DARIO_API_KEY": "gw-key"}).returncode == 0
 
 
@@ -211,11 +220,12 @@ def test_status_running_json_and_absent(home, proxy):
     gateway = proxy()
     requests.post(gateway.url + "/v1/messages", json={"model": "m"}, headers={"x-sim-claim": "overage"})
     text = run(["status", f"--port={gateway.port}"], home)
-    assert text.returncode == 0 and "HALTED" in text.stdout and "representative-claim = overage" in text.stdout
+    assert text.returncode == 0 and "HALTED" in text.stdout and "billed to extra usage" in text.stdout
+    assert re.search(r"or now with `\S+ \S*dario\.py resume --port=%d`" % gateway.port, text.stdout)
     as_json = json.loads(run(["status", f"--port={gateway.port}", "--json"], home).stdout)
     assert as_json["guard"]["state"] == "halted"
     absent = run(["status", f"--port={free_port()}"], home)
-    assert absent.returncode == 1 and "No gateway running" in absent.stderr
+    assert absent.returncode == 1 and "No gateway running on 127.0.0.1:" in absent.stderr
 
 
 def test_kill_9_while_halted_restarts_halted(home, proxy):

@@ -87,7 +87,8 @@ def tui():
     def start(port, home, env=None, width=80, height=24):
         environ = {"DARIO_HOME": str(home), "PYTHONPATH": str(REPO), **(env or {})}
         command = " ".join(
-            ["env", "-u", "NO_COLOR", "-u", "DARIO_API_KEY", "-u", "DARIO_PORT"]
+            # COLUMNS/LINES would override the pane's size (ncurses may have exported them).
+            ["env", "-u", "NO_COLOR", "-u", "DARIO_API_KEY", "-u", "DARIO_PORT", "-u", "COLUMNS", "-u", "LINES"]
             + [shlex.quote(f"{k}={v}") for k, v in environ.items()]
             + [shlex.quote(sys.executable), "-m", "dario_lib.tui", f"--port={port}"]
         ) + f"; echo {EXIT_MARK} $?; sleep 120"
@@ -98,6 +99,13 @@ def tui():
 
     yield start
     subprocess.run([TMUX, "-L", socket, "kill-server"], capture_output=True, timeout=10)
+    # A killed server leaves its socket file behind: remove it, so no run litters /tmp.
+    folder = Path(os.environ.get("TMUX_TMPDIR") or "/tmp") / f"tmux-{os.getuid()}"
+    (folder / socket).unlink(missing_ok=True)
+    try:
+        folder.rmdir()                          # only when nothing else uses it
+    except OSError:
+        pass
 
 
 # -- the gateway side -------------------------------------------------------------
@@ -140,7 +148,7 @@ def test_status_shows_the_halt_with_a_live_countdown(gateway, home, tui):
     pane = tui(gateway.port, home)
     pane.wait_for("Guard      normal")
     trip(gateway)
-    screen = pane.wait_for(lambda s: "HALTED" in s and "representative-claim = overage" in s
+    screen = pane.wait_for(lambda s: "HALTED" in s and "billed to extra usage" in s
                            and countdown_of(s) is not None)
     assert "claude-opus-4-5" in screen and "account key:" in screen
     assert "ago" in screen and "R resume" in screen and "r refresh" in screen
@@ -155,7 +163,7 @@ def test_status_shows_the_halt_with_a_live_countdown(gateway, home, tui):
 def test_capital_r_resumes_the_gateway(gateway, home, tui):
     trip(gateway)
     pane = tui(gateway.port, home)
-    pane.wait_for("representative-claim = overage")
+    pane.wait_for("billed to extra usage")
     pane.send("R")
     assert wait_until(lambda: guard_state(gateway.port) == "normal", timeout=5)
     # The outcome: the answer to R, or the resume event the stream brought first.
@@ -221,7 +229,8 @@ def test_hits_marks_the_overage_row_in_red_and_shows_its_details(gateway, home, 
     pane.wait_for("five_hour")
     trip(gateway)
     assert post(gateway.port).status_code == 503        # newest row: the halted request
-    screen = pane.wait_for(lambda s: "HALTED" in s and s.count("claude-opus-4-5") >= 4, escapes=True)
+    # Wait for the halted request's row itself: the footer's notice names the model too.
+    screen = pane.wait_for(lambda s: "HALTED" in s and re.search(r"claude-opus-4-5\s+\S+\s+503 ", s), escapes=True)
     lines = screen.splitlines()
     row = next(line for line in lines if "overage" in line and "EXTRA" in line)
     assert re.sub(r"\x1b\[[0-9;]*m", "", row).startswith("!")
@@ -230,7 +239,7 @@ def test_hits_marks_the_overage_row_in_red_and_shows_its_details(gateway, home, 
     assert not uses_colour(calm, "31") and not re.sub(r"\x1b\[[0-9;]*m", "", calm).startswith("!")
     # The pinned banner sits above the table.
     plain = re.sub(r"\x1b\[[0-9;]*m", "", screen).splitlines()
-    assert plain.index(next(line for line in plain if "HALTED" in line and "representative-claim" in line)) \
+    assert plain.index(next(line for line in plain if "HALTED" in line and "billed to extra usage" in line)) \
         < plain.index(next(line for line in plain if "TIME" in line and "MODEL" in line))
     pane.send("Down", "Enter")
     details = pane.wait_for("extra_usage")
@@ -247,10 +256,11 @@ def test_the_tui_survives_the_gateway_going_away_and_coming_back(sim, home, tui)
         pane.wait_for(f":{port} ok")
         server.drain(timeout=1)
         servers.remove(server)
-        pane.wait_for(f"gateway not running on port {port}, retrying")
+        pane.wait_for(f"no gateway running on 127.0.0.1:{port}, retrying")
+        pane.wait_for(f"Start one with `dario proxy --port={port}`.")
         time.sleep(1.5)                                 # a few retries later, still alive
         screen = pane.screen()
-        assert f"gateway not running on port {port}, retrying" in screen
+        assert f"no gateway running on 127.0.0.1:{port}, retrying" in screen
         assert EXIT_MARK not in screen and "Traceback" not in screen
         again = GatewayServer(make_settings(home, sim.url, flags={"port": str(port)}),
                               notifier=RecordingNotifier()).start(poll_interval=0.02)
@@ -265,7 +275,7 @@ def test_the_tui_survives_the_gateway_going_away_and_coming_back(sim, home, tui)
 def test_without_colours_in_80x24_and_through_resizes(gateway, home, tui):
     trip(gateway)
     pane = tui(gateway.port, home, env={"NO_COLOR": "1", "TERM": "xterm-mono"})
-    screen = pane.wait_for("representative-claim = overage", escapes=True)
+    screen = pane.wait_for("billed to extra usage", escapes=True)
     banner = next(line for line in screen.splitlines() if " HALTED  " in line)
     assert uses_colour(banner, "7")                     # reverse video instead of red
     for line in screen.splitlines():
@@ -278,11 +288,11 @@ def test_without_colours_in_80x24_and_through_resizes(gateway, home, tui):
         pane.resize(width, height)
         time.sleep(0.3)                                 # a frame or two at this size
         assert EXIT_MARK not in pane.screen()
-    screen = pane.wait_for("representative-claim = overage")
+    screen = pane.wait_for("billed to extra usage")
     assert EXIT_MARK not in screen and "Traceback" not in screen
     pane.send("q")
     screen = pane.wait_for(f"{EXIT_MARK} 0")
-    assert "representative-claim" not in screen         # the terminal is back to the shell
+    assert "billed to extra usage" not in screen        # the terminal is back to the shell
 
 
 def test_tabs_help_and_quit(gateway, home, tui):
@@ -302,6 +312,33 @@ def test_tabs_help_and_quit(gateway, home, tui):
     pane.wait_for("Per model")
     pane.send("q")
     pane.wait_for(f"{EXIT_MARK} 0")
+
+
+def test_a_hostile_model_name_in_hits_is_shown_not_obeyed(gateway, home, tui):
+    # JSON escapes: an ESC colour sequence, a C1 CSI and a right-to-left override.
+    body = ('{"model": "m\\u001b[41mEVIL\\u009b\\u202eZ", "max_tokens": 8, '
+            '"messages": [{"role": "user", "content": "hi"}]}')
+    assert requests.post(f"http://127.0.0.1:{gateway.port}/v1/messages", data=body, timeout=5,
+                         headers={"x-api-key": "k", "content-type": "application/json"}).status_code == 200
+    shown = "m\\x1b[41mEVIL\\x9b\\u202eZ"
+    pane = tui(gateway.port, home, width=160, height=30)
+    pane.wait_for("1 Status")
+    pane.send("4")
+    pane.wait_for(shown)
+    row = next(line for line in pane.screen(escapes=True).splitlines() if "EVIL" in line)
+    assert not uses_colour(row, "41")
+    pane.send("Enter")
+    details = pane.wait_for(lambda s: "record " in s and re.search(r"model\s+" + re.escape(shown), s))
+    assert EXIT_MARK not in details
+
+
+def test_a_gateway_that_wants_a_key_says_which_variable_to_set(sim, home, tui):
+    from .helpers import running_gateway
+    with running_gateway(make_settings(home, sim.url, env={"DARIO_API_KEY": "gw-key"})) as gateway:
+        pane = tui(gateway.port, home, width=160)
+        screen = pane.wait_for(f"the gateway on 127.0.0.1:{gateway.port} answered HTTP 401")
+        assert "set DARIO_API_KEY to the gateway's key; it is sent as x-dario-api-key" in screen
+        assert "gw-key" not in screen
 
 
 def test_a_terminal_without_cursor_motion_gets_one_line_not_a_mess(gateway, home, tui):
