@@ -81,5 +81,6 @@ def check_key(settings, headers):
     for candidate in candidates:
         ok |= _matches(candidate, key)
     if not ok:
-        raise HttpError(401, "missing or wrong dario API key: send it as x-dario-api-key "
-                             "or Proxy-Authorization: Bearer")
+        raise HttpError(401, "missing or wrong dario API key: send the value of DARIO_API_KEY as "
+                             "the x-dario-api-key header (or Proxy-Authorization: Bearer). Claude Code: "
+                             'ANTHROPIC_CUSTOM_HEADERS="x-dario-api-key: <key>"')

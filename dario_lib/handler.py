@@ -5,10 +5,15 @@ Every request goes through the same gate, in this order: request-target form, Ho
 endpoints (`/health`, `/status`, `/analytics`, `/analytics/stream`, `/admin/resume`)
 are answered here; the forwarded API routes go to `relay.Exchange`.
 
-Anything the gateway answers itself is an Anthropic-shaped JSON error, decided before
-the first byte is written. When it answers before reading a request's whole body, the
-connection is closed, so unread body bytes can never be parsed as a next request.
-Client disconnects are debug lines, never tracebacks.
+Every response goes out through the request's `reply.Reply`, which owns the head, the
+framing and whether the connection closes (answering before a request's whole body was
+read closes it, so unread body bytes can never be parsed as a next request). Anything
+the gateway answers itself is an Anthropic-shaped JSON error, decided before the first
+byte is written. Client disconnects are debug lines, never tracebacks.
+
+Request heads and bodies are charged against the gateway-wide allowances
+(`server.heads`, `server.bodies`) while they are held; past either, a new request gets a
+503 `overloaded_error` with `Retry-After`.
 
 One instance per connection, on that connection's thread (ThreadingHTTPServer).
 """
@@ -20,10 +25,10 @@ import socket
 import time
 from http.server import BaseHTTPRequestHandler
 
-from . import __version__, analytics, exposure, headers, metrics, wire
+from . import __version__, analytics, exposure, headers, metrics, relay, wire
 from .events import Subscription, TooManySubscribers
 from .guard import ALL, iso
-from .relay import Exchange
+from .reply import Reply
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +48,8 @@ FORWARDED = {
 }
 _MODEL_PATH = re.compile(r"/v1/models/[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 LOCAL = {
+    ("GET", "/"): "root",
+    ("HEAD", "/"): "root",
     ("GET", "/health"): "health",
     ("GET", "/status"): "status",
     ("GET", "/analytics"): "analytics",
@@ -52,6 +59,7 @@ LOCAL = {
     ("GET", "/metrics"): "metrics",
 }
 LOCAL_PATHS = {path for _, path in LOCAL}
+_OVERLOADED_HEADERS = {"Retry-After": "1"}
 
 
 def forwarded_method(path):
@@ -80,11 +88,10 @@ class Handler(BaseHTTPRequestHandler):
         super().finish()
 
     def handle_one_request(self):
-        self.body_pending = False
-        self.responded = False
-        self.forward_path = None
-        self.expect_continue = False
         self.path = ""                  # log_request() runs even when the request line is refused
+        self.command, self.request_version = "", "HTTP/1.1"
+        self.held_head = self.held_body = 0
+        self.reply = Reply(self.wfile, close=True, draining=self._draining)
         self.slot.arm(HEAD_DEADLINE_S)
         try:
             self.raw_requestline = self.rfile.readline(65537)
@@ -93,16 +100,18 @@ class Handler(BaseHTTPRequestHandler):
             if not self.raw_requestline or self.raw_requestline in (b"\r\n", b"\n"):
                 self.close_connection = True
                 return
+            self._charge_head(len(self.raw_requestline))
             if len(self.raw_requestline) > 65536:
-                self.requestline, self.request_version, self.command = "", "HTTP/1.1", ""
-                self.headers = headers.Headers()
-                self.send_error(414, "request line too long")
-                return
-            if not self.parse_request():
-                return
+                raise headers.HeadError(414, "request line too long")
+            self.parse_request()
+        except headers.HeadError as err:
+            self._refuse_head(err)
+            self._release()
+            return
         except OSError as err:
             log.debug("connection dropped before a request arrived: %s", err)
             self.close_connection = True
+            self._release()
             return
         finally:
             self.slot.disarm()
@@ -112,51 +121,86 @@ class Handler(BaseHTTPRequestHandler):
             self.dispatch()
         except OSError as err:
             log.debug("client connection lost during %s %s: %s", self.command, self.path, err)
-            self.close_connection = True
+            self.reply.close = True
         except Exception:
             log.exception("internal error while serving %s %s", self.command, self.path)
-            self.close_connection = True
-            if not self.responded:
+            self.reply.close = True
+            if not self.reply.sent:
                 try:
-                    self.send_bytes(500, wire.error_body("api_error", "internal error in dario; see its log"))
+                    self.reply.error(500, "api_error", "internal error in dario; see its log")
                 except OSError:
                     pass
+        finally:
+            self._release()
+        self.close_connection = self.reply.close
+
+    def _draining(self):
+        return self.server.draining
+
+    def _charge_head(self, n):
+        if not self.server.heads.take(n):
+            raise headers.HeadError(503, "dario is holding too many request heads; retry shortly")
+        self.held_head += n
+
+    def _charge_body(self, n):
+        if not self.server.bodies.take(n):
+            raise wire.HttpError(503, "dario is holding too many request bodies; retry shortly",
+                                 headers=_OVERLOADED_HEADERS)
+        self.held_body += n
+
+    def _release(self):
+        """Give back what this request held of the gateway-wide allowances."""
+        if self.held_head:
+            self.server.heads.give(self.held_head)
+        if self.held_body:
+            self.server.bodies.give(self.held_body)
+        self.held_head = self.held_body = 0
 
     def parse_request(self):
-        """Parse the request line and headers (see `headers`); answers and closes on errors."""
-        self.command, self.request_version, self.headers = "", "HTTP/1.1", headers.Headers()
+        """Parse the request line and headers (see `headers`); raises HeadError."""
+        self.headers = headers.Headers()
         self.requestline = self.raw_requestline.rstrip(b"\r\n").decode("latin-1")
-        try:
-            self.command, self.path, self.request_version = headers.parse_request_line(self.raw_requestline)
-            self.headers = headers.read_headers(self.rfile)
-        except headers.HeadError as err:
-            self.send_error(err.status, err.message)
-            return False
-        self.hop_tokens = tokens = wire.connection_tokens(self.headers)   # relay reuses them
-        if "close" in tokens or (self.request_version == "HTTP/1.0" and "keep-alive" not in tokens):
-            self.close_connection = True
-        else:
-            self.close_connection = False
+        self.command, self.path, self.request_version = headers.parse_request_line(self.raw_requestline)
+        self.headers = headers.read_headers(self.rfile, self._charge_head)
+        self.hop_tokens = tokens = wire.connection_tokens(self.headers)
+        close = "close" in tokens or (self.request_version == "HTTP/1.0" and "keep-alive" not in tokens)
+        if self.request_version == "HTTP/1.0" and "Transfer-Encoding" in self.headers:
+            close = True                # RFC 9112 6.1: a 1.0 message with chunked framing closes
+        self.reply = Reply(self.wfile, self.command, self.request_version, close,
+                           extra=self._cors(), draining=self._draining)
         # Asked-for `100 Continue` goes out only once the request passed every check and its
         # body is about to be read (read_body), so a refused client never uploads for nothing.
         self.expect_continue = ((self.headers.get("Expect") or "").lower() == "100-continue"
                                 and self.request_version == "HTTP/1.1")
-        return True
+
+    def _refuse_head(self, err):
+        """A request line or head dario will not parse further: answer and close."""
+        self.close_connection = True
+        reply = Reply(self.wfile, self.command or "GET", close=True)
+        extra = _OVERLOADED_HEADERS.items() if err.status == 503 else ()
+        try:
+            reply.error(err.status, wire.ERROR_KINDS.get(err.status, "invalid_request_error"),
+                        err.message, extra)
+        except OSError:
+            pass
+        self.log_request(err.status)
 
     def dispatch(self):
         method, target = self.command, self.path
         path, _, query = target.partition("?")
-        if target.startswith("/") and forwarded_method(path):
-            self.forward_path = path
+        # A request to a forwarded route is recorded even when refused (see answer_error).
+        self.forward_path = path if target.startswith("/") and forwarded_method(path) else None
         settings = self.server.settings
-        self.body_pending = True        # until the framing says there is no body
+        reply = self.reply
+        reply.body_pending = True        # until the framing says there is no body
+        exchange = None
         try:
             framing = wire.body_framing(self.headers, settings.max_body_bytes)
-            self.body_pending = framing[0] != "none"
+            reply.body_pending = framing[0] != "none"
             if not target.startswith("/"):
                 raise wire.HttpError(400, "the request target must be a path starting with /")
             exposure.check_host(settings, self.headers)
-            public = method == "GET" and path == "/health"
+            public = method in ("GET", "HEAD") and path in ("/health", "/")
             if not public:
                 exposure.check_browser(settings, self.headers)
             if method == "OPTIONS":
@@ -177,11 +221,19 @@ class Handler(BaseHTTPRequestHandler):
                 raise wire.HttpError(404, f"no such endpoint: {path}")
             if method != expected:
                 raise wire.HttpError(405, f"{method} is not allowed on {path}; use {expected}")
-            body = self.read_body(framing)
+            exchange = relay.Exchange(self.server, self._facts(path, query), reply)
+            if self.expect_continue and framing[0] != "none" and not exchange.admit():
+                return                  # halted: answered 503 before inviting the body
+            exchange.body = self.read_body(framing)
             with self.server.tracker:
-                Exchange(self, path, query, body).run()
+                exchange.run()
         except wire.HttpError as err:
-            self.answer_error(err)
+            self.answer_error(err, exchange)
+
+    def _facts(self, path, query):
+        return relay.Request(method=self.command, version=self.request_version, path=path, query=query,
+                             headers=self.headers, hop_tokens=self.hop_tokens, started=self.started,
+                             started_ms=self.started_ms, watch=self.slot)
 
     # -- reading -----------------------------------------------------------------
 
@@ -190,73 +242,51 @@ class Handler(BaseHTTPRequestHandler):
         limit = limit or self.server.settings.max_body_bytes
         if kind == "length" and length > limit:
             raise wire.HttpError(413, f"request body over the {limit}-byte limit")
+        if kind == "length" and length:
+            self._charge_body(length)
         deadline = BODY_DEADLINE_S + (length if kind == "length" else limit) / 262144
         if self.expect_continue and kind != "none":
-            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.reply.continue_()
             self.expect_continue = False
         self.slot.arm(deadline)
         try:
-            body = wire.BodyReader(self.rfile, limit).read(kind, length)
+            body = wire.BodyReader(self.rfile, limit, self._charge_body if kind == "chunked" else None
+                                   ).read(kind, length)
         except OSError:
             raise wire.HttpError(408, "the request body did not arrive in time") from None
         finally:
             self.slot.disarm()
-        self.body_pending = False
+        self.reply.body_pending = False
         return body
 
     # -- writing -----------------------------------------------------------------
 
-    def cors_headers(self):
+    def _cors(self):
         origin = exposure.allowed_origin(self.server.settings, self.headers)
         return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")] if origin else []
 
-    def send_bytes(self, status, body, content_type="application/json", headers=None):
-        if self.body_pending or self.server.draining:
-            self.close_connection = True
-        lines = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
-        lines += list((headers or {}).items()) + self.cors_headers()
-        if self.close_connection:
-            lines.append(("Connection", "close"))
-        reason = self.responses.get(status, ("",))[0]
-        head = f"HTTP/1.1 {status} {reason}\r\n" + "".join(f"{n}: {v}\r\n" for n, v in lines) + "\r\n"
-        self.responded = True
-        self.wfile.write(head.encode("latin-1") + body)
-        self.log_request(status)
-
-    def send_json(self, status, obj, headers=None):
-        self.send_bytes(status, json.dumps(obj).encode(), headers=headers)
-
-    def answer_error(self, err):
+    def answer_error(self, err, exchange=None):
         if err.status == 400:
-            self.close_connection = True    # a client that framed one request wrong may frame the next wrong
-        if self.forward_path is not None:
-            self.server.store.add(self.rejected_record(err.status))
+            self.reply.close = True     # a client that framed one request wrong may frame the next wrong
+        if exchange is not None:
+            exchange.refused(err.status)
+        elif self.forward_path is not None:
+            self.server.store.add(relay.rejected_record(self.forward_path, err.status, self.started_ms,
+                                                        self.started))
         else:
             self.server.store.log_rejected({
                 "timestamp": getattr(self, "started_ms", int(self.server.clock() * 1000)),
                 "path": (self.path or "")[:200].split("?")[0], "status": err.status,
                 "outcome": "rejected", "reason": err.kind})
-        self.send_bytes(err.status, wire.error_body(err.kind, err.message), headers=err.headers)
-
-    def rejected_record(self, status):
-        return {"timestamp": self.started_ms, "account": None, "path": self.forward_path,
-                "model": None, "status": status, "stream": False,
-                "api": "openai" if self.forward_path == "/v1/chat/completions" else "anthropic",
-                "inputTokens": 0, "outputTokens": 0, "cacheReadTokens": 0, "cacheCreateTokens": 0,
-                "ttfbMs": None, "latencyMs": round((time.monotonic() - self.started) * 1000, 2),
-                "claim": "unknown", "bucket": "unknown", "unifiedStatus": None, "util5h": None,
-                "util7d": None, "overageUtil": None, "overageStatus": None, "overageInUse": None,
-                "requestId": None, "outcome": "rejected", "sessionId": None}
+        if self.reply.sent:
+            self.reply.close = True
+            return
+        self.reply.http_error(err)
+        self.log_request(err.status)
 
     def send_error(self, code, message=None, explain=None):
-        """Used by the stdlib parser for malformed requests: answer JSON and close."""
-        self.close_connection = True
-        self.body_pending = True
-        kind = wire.ERROR_KINDS.get(code, "invalid_request_error")
-        try:
-            self.send_bytes(code, wire.error_body(kind, message or self.responses.get(code, ("error",))[0]))
-        except OSError:
-            pass
+        """The stdlib calls this for requests it cannot parse: answer JSON and close."""
+        self._refuse_head(headers.HeadError(code, message or self.responses.get(code, ("error",))[0]))
 
     def log_message(self, format, *args):
         log.debug("%s %s", self.address_string(), format % args)
@@ -271,15 +301,21 @@ class Handler(BaseHTTPRequestHandler):
         if origin is None:
             raise wire.HttpError(403, "preflight refused: origin not allowed")
         requested = self.headers.get("Access-Control-Request-Headers", "")
-        headers = {"Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-                   "Access-Control-Max-Age": "600"}
+        headers = [("Access-Control-Allow-Methods", "GET, POST, OPTIONS"), ("Access-Control-Max-Age", "600")]
         if requested and "\r" not in requested and "\n" not in requested:
-            headers["Access-Control-Allow-Headers"] = requested[:1000]
-        self.send_bytes(204, b"", headers=headers)
+            headers.append(("Access-Control-Allow-Headers", requested[:1000]))
+        self.reply.send(204, headers=headers)
+
+    def do_root(self):
+        port = self.server.port
+        text = (f"dario {__version__}: a local gateway for the Anthropic API, with an overage guard.\n"
+                f"Point clients at http://127.0.0.1:{port} (ANTHROPIC_BASE_URL for Claude Code).\n"
+                "Health: GET /health. Status: GET /status. Docs: `man dario`, `dario --help`.\n")
+        self.reply.send(200, text.encode(), "text/plain; charset=utf-8")
 
     def do_health(self):
         server = self.server
-        self.send_json(200, {
+        self.reply.json(200, {
             "status": "ok",
             "guard": "halted" if server.guard.snapshot() else "normal",
             "version": __version__,
@@ -288,19 +324,20 @@ class Handler(BaseHTTPRequestHandler):
         })
 
     def do_status(self):
-        self.send_json(200, self.server.status())
+        self.reply.json(200, self.server.status())
 
     def do_analytics(self):
-        self.send_json(200, analytics.report(self.server.store, self.server.clock))
+        self.reply.json(200, analytics.report(self.server.store, self.server.clock))
 
     def do_metrics(self):
-        self.send_bytes(200, metrics.render(self.server).encode(), "text/plain; version=0.0.4; charset=utf-8")
+        self.reply.send(200, metrics.render(self.server).encode("utf-8", "replace"),
+                        "text/plain; version=0.0.4; charset=utf-8")
 
     def do_resume_state(self):
         guard = self.server.guard
         halts = guard.halts()
-        self.send_json(200, {"halted": bool(halts), "state": halts[0].public() if halts else None,
-                             "halts": [halt.public() for halt in halts], "config": guard.config.public()})
+        self.reply.json(200, {"halted": bool(halts), "state": halts[0].public() if halts else None,
+                              "halts": [halt.public() for halt in halts], "config": guard.config.public()})
 
     def do_resume(self):
         content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
@@ -316,36 +353,34 @@ class Handler(BaseHTTPRequestHandler):
         if account is not None and not isinstance(account, str):
             raise wire.HttpError(400, '"account" must be an account label')
         was_halted, resumed_at = self.server.guard.clear("manual", ALL if account is None else account)
-        self.send_json(200, {"ok": True, "wasHalted": was_halted, "resumedAt": iso(resumed_at)})
+        self.reply.json(200, {"ok": True, "wasHalted": was_halted, "resumedAt": iso(resumed_at)})
 
     def do_analytics_stream(self):
         server = self.server
         try:
             sub, backlog = server.store.subscribe_with_backlog(server.bus, 50)
         except TooManySubscribers:
-            raise wire.HttpError(503, "too many /analytics/stream subscribers; try again later") from None
+            raise wire.HttpError(503, "too many /analytics/stream subscribers; try again later",
+                                 headers={"Retry-After": "5"}) from None
         # A subscriber that hangs up frees its slot at once, not at the next heartbeat.
         self.slot.watch(sub.close)
+        reply = self.reply
         try:
-            self.close_connection = True
+            reply.close = True
             self.connection.settimeout(SSE_WRITE_TIMEOUT_S)
             # A small send buffer makes a subscriber that stopped reading show up as a
             # full queue soon, instead of after megabytes of kernel buffering.
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SSE_SEND_BUFFER)
-            head = ("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
-                    "Transfer-Encoding: chunked\r\nConnection: close\r\n"
-                    + "".join(f"{n}: {v}\r\n" for n, v in self.cors_headers()) + "\r\n")
             frames = [sse_frame("record", record) for record in backlog]
             frames += [sse_frame("overage_halt", halt.public()) for halt in server.guard.halts()]
-            self.responded = True
-            self.wfile.write(head.encode("latin-1") + (wire.chunk(b"".join(frames)) if frames else b""))
+            reply.start(200, [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")])
+            reply.write(b"".join(frames))
             while True:
                 item = sub.get(server.heartbeat_s)
                 if item is None:
                     break
-                frame = b": heartbeat\n\n" if item is Subscription.TIMEOUT else sse_frame(*item)
-                self.wfile.write(wire.chunk(frame))
-            self.wfile.write(wire.LAST_CHUNK)
+                reply.write(b": heartbeat\n\n" if item is Subscription.TIMEOUT else sse_frame(*item))
+            reply.end()
         except OSError:
             log.debug("an /analytics/stream subscriber went away")
         finally:
@@ -357,5 +392,4 @@ def sse_frame(name, data):
     payload = json.dumps(data, separators=(",", ":")).encode()
     if name == "record":
         return b"data: " + payload + b"\n\n"      # records are the stream's default events
-    return b"event: " + name.encode() + b"\ndata: " + payload + b"\n\n"
-
+    return b"event: " + name.encode() + b"\n" + b"data: " + payload + b"\n\n"

@@ -71,14 +71,20 @@ class Headers:
         return len(self._items)
 
 
-def read_headers(rfile):
-    """Read header lines up to the blank line; returns Headers. Raises HeadError."""
+def read_headers(rfile, charge=None):
+    """Read header lines up to the blank line; returns Headers. Raises HeadError.
+
+    `charge(n)` is called with each line's size as it is read; it raises HeadError when
+    the gateway's total of request heads in flight would pass its bound.
+    """
     pairs, folded = [], set()
     while True:
         line = rfile.readline(MAX_LINE + 1)
+        if charge is not None:
+            charge(len(line))
         if len(line) > MAX_LINE:
             raise HeadError(431, "a request header line is too long")
-        if not line:
+        if not line.endswith(b"\n"):
             raise HeadError(400, "the connection closed inside the request headers")
         if line in (b"\r\n", b"\n"):
             break
@@ -92,7 +98,8 @@ def read_headers(rfile):
         name, sep, value = line.partition(b":")
         if not sep or not _TOKEN.fullmatch(name):
             raise HeadError(400, "malformed request header line")
-        pairs.append((name.decode("ascii"), value.strip(b" \t\r\n").decode("latin-1")))
+        value = value[:-2] if value.endswith(b"\r\n") else value[:-1]
+        pairs.append((name.decode("ascii"), value.strip(b" \t").decode("latin-1")))
     if folded:
         if folded & {"content-length", "transfer-encoding"}:
             # Dropping one would change where the body ends: refuse the whole message.

@@ -12,6 +12,13 @@ Streams are parsed line by line; only events that can carry usage or the model a
 decoded. A JSON body is buffered up to `JSON_BUFFER_CAP`; past that only its head and
 tail are kept (usage sits at the end of a message) and read with a pattern instead.
 
+Metering is bounded, never the relay: an event larger than `MAX_EVENT` is skipped, and
+a compressed body stops being metered once `MAX_DECODED` bytes came out of it. After
+`close()`, `final` says whether the body's final usage report was read (a JSON body's
+`usage`, a stream's `message_delta` usage or OpenAI's usage chunk) and `reported`
+whether any usage was; the relay charges a worst-case estimate when a billed answer
+has no final usage, so an unreadable answer is never counted as free.
+
 One Meter belongs to one request thread; it is not thread-safe and needs not be.
 """
 
@@ -21,8 +28,11 @@ import zlib
 
 JSON_BUFFER_CAP = 2 * 1024 * 1024
 MAX_LINE = 1024 * 1024       # an SSE line longer than this is skipped, not buffered
+MAX_EVENT = 1024 * 1024      # an SSE event with more data than this is skipped
 INFLATE_STEP = 256 * 1024    # bound on decompressed bytes produced per step
+MAX_DECODED = 16 * 1024 * 1024   # a compressed body is metered up to this many decoded bytes
 
+_FINAL_FIELDS = ("output_tokens", "completion_tokens")
 _USAGE_FIELDS = {
     "input_tokens": "inputTokens",
     "output_tokens": "outputTokens",
@@ -46,8 +56,12 @@ class Meter:
         self.usage = {"inputTokens": 0, "outputTokens": 0, "cacheReadTokens": 0, "cacheCreateTokens": 0}
         self.model = None
         self.error_type = None      # an SSE `error` event's error.type, if one arrived
+        self.final = False          # the final usage report was read
+        self.reported = False       # some usage report was read
+        self.gave_up = False        # part of the body could not be metered
         self.is_stream = "text/event-stream" in (content_type or "").lower()
-        encoding = (content_encoding or "").strip().lower()
+        encoding = (content_encoding or "").strip(" \t").lower()
+        self._decoded = 0
         if encoding in ("gzip", "x-gzip", "deflate"):
             # 47 = auto-detect gzip or zlib headers; raw deflate is retried below.
             self._inflater = zlib.decompressobj(47)
@@ -56,10 +70,13 @@ class Meter:
             self._inflater = None
         else:
             self._inflater = False          # an encoding we cannot read: meter nothing
+            self.gave_up = True
         self._pending = b""                 # SSE: bytes of an unfinished line
         self._skipping_line = False
         self._event = None
         self._data = []
+        self._data_size = 0
+        self._skipping_event = False
         self._body = bytearray()            # JSON: buffered body (or its head)
         self._tail = b""
         self._overflow = False
@@ -76,19 +93,23 @@ class Meter:
         try:
             data = self._inflater.decompress(chunk, INFLATE_STEP)
             while True:
+                self._decoded += len(data)
+                if self._decoded > MAX_DECODED:
+                    self._broken = self.gave_up = True      # a decompression bomb, or close to one
+                    return
                 self._consume(data)
                 tail = self._inflater.unconsumed_tail
                 if not tail:
                     break
                 data = self._inflater.decompress(tail, INFLATE_STEP)
         except zlib.error:
-            if self._raw_deflate:
+            if self._raw_deflate and not self._decoded:
                 # Some servers send raw deflate despite the name; retry once that way.
                 self._raw_deflate = False
                 self._inflater = zlib.decompressobj(-15)
                 self.feed(chunk)
             else:
-                self._broken = True
+                self._broken = self.gave_up = True
 
     def close(self):
         """The body ended: flush what is pending and settle the numbers."""
@@ -147,13 +168,22 @@ class Meter:
         if not line:
             self._dispatch()
         elif line.startswith(b"data:"):
-            self._data.append(line[6:] if line[5:6] == b" " else line[5:])
+            if self._skipping_event:
+                return
+            data = line[6:] if line[5:6] == b" " else line[5:]
+            self._data_size += len(data)
+            if self._data_size > MAX_EVENT:
+                self._skipping_event = True     # a hostile event: never buffered whole
+                self._data = []
+                return
+            self._data.append(data)
         elif line.startswith(b"event:"):
             self._event = line[6:].strip()
 
     def _dispatch(self):
         event, data = self._event, self._data
-        self._event, self._data = None, []
+        self._event, self._data, self._data_size = None, [], 0
+        self._skipping_event = False
         if not data:
             return
         payload = data[0] if len(data) == 1 else b"\n".join(data)
@@ -178,7 +208,8 @@ class Meter:
         if not isinstance(message, dict):
             return
         self._take_model(message.get("model"))
-        self._take_usage(message.get("usage"))
+        # message_start's usage is a first report; message_delta's (or OpenAI's) is final.
+        self._take_usage(message.get("usage"), final=event != b"message_start")
 
     # -- JSON --------------------------------------------------------------------
 
@@ -192,7 +223,7 @@ class Meter:
                 obj = None
             if isinstance(obj, dict):
                 self._take_model(obj.get("model"))
-                self._take_usage(obj.get("usage"))
+                self._take_usage(obj.get("usage"), final=True)
             self._body = bytearray()
             return
         found = _HEAD_MODEL.search(self._body)
@@ -201,7 +232,7 @@ class Meter:
         matches = _TAIL_USAGE.findall(self._tail)
         if matches:
             try:
-                self._take_usage(json.loads(matches[-1]))
+                self._take_usage(json.loads(matches[-1]), final=True)
             except (ValueError, RecursionError):   # nesting deeper than the parser can go
                 pass
         self._body = bytearray()
@@ -212,11 +243,17 @@ class Meter:
         if isinstance(model, str) and model:
             self.model = model[:200]
 
-    def _take_usage(self, usage):
+    def _take_usage(self, usage, final=False):
         if not isinstance(usage, dict):
             return
+        seen = False
         for key, value in usage.items():
             field = _USAGE_FIELDS.get(key)
             count = _tokens(value)
             if field is not None and count is not None:
                 self.usage[field] = count
+                seen = True
+        if seen:
+            self.reported = True
+            if final and any(_tokens(usage.get(key)) is not None for key in _FINAL_FIELDS):
+                self.final = True

@@ -101,6 +101,9 @@ class RecordStore:
         usd, known = pricing.estimate(
             record.get("model"), record.get("inputTokens") or 0, record.get("outputTokens") or 0,
             record.get("cacheReadTokens") or 0, record.get("cacheCreateTokens") or 0)
+        if record.get("usageEstimated"):
+            # No usage could be read for a billed answer: the relay set its worst case.
+            usd = max(usd, record.get("costUsd") or 0.0)
         record["costUsd"] = round(usd, 6)
         if not known:
             record["priceUnknown"] = True

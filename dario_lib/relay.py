@@ -2,50 +2,88 @@
 
 The order of events for a forwarded route is the heart of the gateway:
 
-1. the guard check, right before the upstream send (guarded routes only);
-2. the upstream send, outside any lock;
-3. the claim, read the moment the response headers arrive, goes to the guard before
-   a single byte reaches the client;
+1. the guard check, right before the upstream send (guarded routes only), and the
+   budget reservation of the request's worst-case cost;
+2. the upstream send, outside any lock, written at most once, with the client's
+   connection watched: a client that hangs up stops the exchange in any phase;
+3. the billing signals, read the moment the response headers arrive, go to the guard
+   before a single byte reaches the client;
 4. the body, relayed read by read (`read1`, so chunked and close-delimited bodies alike
-   pass each event on as it comes), each write flushed, while a `Meter` reads a copy;
-5. one record, whatever happened (ok, upstream fault, client gone, halted).
+   pass each event on as it comes), while a `Meter` reads a copy;
+5. one record, whatever happened (ok, upstream fault, client gone, halted), and the
+   reservation settled with the metered cost. A billed answer whose usage could not be
+   read is charged its worst case and marked `usageEstimated`: never counted as free.
 
-Runs on the handler's thread; shared objects are reached through `handler.server`.
+An `Exchange` takes the request's facts (`Request`), the `reply.Reply` that owns the
+response, and the gateway's shared parts (the server object: guard, budgets, upstream,
+record store, settings). It never touches the handler.
+Runs on the request's thread.
 """
 
+import dataclasses
 import hashlib
 import json
 import logging
+import math
 import re
 import time
 
 from . import billing, budgets, guard as guard_mod, wire
 from .metering import Meter
-from .upstream import UpstreamError, UpstreamReadError
+from .upstream import Cancel, ClientGone, UpstreamError, UpstreamReadError
 
 log = logging.getLogger(__name__)
 
 READ_SIZE = 65536
+REDACT_CAP = 1024 * 1024        # an error body is buffered up to this to redact the upstream key
+REDACTED = "[redacted]"
+METERED_CODINGS = frozenset({"gzip", "x-gzip", "deflate", "identity"})
 _MODEL_IN_HEAD = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
+_STREAM_IN_HEAD = re.compile(rb'"stream"\s*:\s*true')
 _SESSION_HEADER = "x-claude-code-session-id"
 _UPSTREAM_READ_ERRORS = (UpstreamReadError, OSError)
 
 
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """What the relay needs to know about a client's request."""
+
+    method: str
+    version: str
+    path: str
+    query: str
+    headers: object         # headers.Headers, as the client sent them
+    hop_tokens: frozenset   # header names the client's Connection header lists
+    started: float          # time.monotonic() when the request head was read
+    started_ms: int         # epoch ms, for the record
+    watch: object           # watchdog.Slot of the client connection (hang-up watch)
+
+
+def _text(value, limit=200):
+    """Request text kept in a record: bounded, and no lone surrogates (they break encoders)."""
+    if not isinstance(value, str) or not value:
+        return None
+    return value[:limit].encode("utf-8", "replace").decode("utf-8")
+
+
 def request_facts(body):
-    """(model, max_tokens) a request asks for, read cheaply (whole JSON only for small bodies)."""
+    """(model, max_tokens, stream) a request asks for, read cheaply (whole JSON only for
+    small bodies). Raises budgets.BadRequest for an absurd max_tokens."""
     if not body:
-        return None, 0
+        return None, 0, False
     if len(body) <= 262144:
         try:
             obj = json.loads(body)
         except (ValueError, RecursionError):   # a hostile body can nest deeper than the parser
             obj = None
-        model = obj.get("model") if isinstance(obj, dict) else None
-        model = model[:200] if isinstance(model, str) and model else None
-        return model, budgets.max_tokens_of(body, obj if isinstance(obj, dict) else None)
+        if not isinstance(obj, dict):
+            obj = None
+        model = _text(obj.get("model")) if obj else None
+        stream = bool(obj) and obj.get("stream") is True
+        return model, budgets.max_tokens_of(body, obj), stream
     found = _MODEL_IN_HEAD.search(body, 0, 65536)
-    model = found.group(1).decode("utf-8", "replace") if found else None
-    return model, budgets.max_tokens_of(body)
+    model = _text(found.group(1).decode("utf-8", "replace")) if found else None
+    return model, budgets.max_tokens_of(body), bool(_STREAM_IN_HEAD.search(body, 0, 65536))
 
 
 def account_label(aliases, credential):
@@ -56,61 +94,119 @@ def account_label(aliases, credential):
     return aliases.get(digest) or "key:" + digest[:8]
 
 
-def upstream_headers(handler):
-    """(headers for upstream, credential used) from the client's request headers."""
-    settings = handler.server.settings
-    headers = handler.headers
-    drop = {"host", "content-length", "x-dario-api-key"}
+def narrow_encodings(value):
+    """The client's Accept-Encoding narrowed to the codings dario can meter.
+
+    dario must read every answer's usage; an answer in a coding it cannot decode (br,
+    zstd) would go unmetered. A client that also accepts gzip, deflate or identity gets
+    one of those; with none left, identity. No header stays no header (an answer in a
+    coding dario cannot read is still charged its worst case).
+    """
+    if value is None:
+        return None
+    kept = []
+    for item in (value or "").split(","):
+        coding, _, params = item.partition(";")
+        coding = coding.strip(" \t").lower()
+        if coding == "*":
+            kept.append("gzip, deflate")
+        elif coding in METERED_CODINGS and not re.fullmatch(r"\s*q\s*=\s*0(\.0*)?\s*", params):
+            kept.append(item.strip(" \t"))
+    return ", ".join(kept) or "identity"
+
+
+def upstream_headers(settings, headers, hop_tokens):
+    """(headers for upstream, the credential they carry) from the client's request headers.
+
+    The credential is read from what is actually forwarded (after hop-by-hop stripping
+    and DARIO_UPSTREAM_API_KEY substitution), so the account label, the halt and the
+    budget follow the credential the upstream will bill.
+    """
+    drop = {"host", "content-length", "x-dario-api-key", "accept-encoding"}
     if settings.upstream_api_key:
         drop |= {"x-api-key", "authorization"}
-    out = {}
-    for name, value in wire.relayable(headers.items(), handler.hop_tokens, drop):
-        if name in out:
-            out[name] += ", " + value
+    out, lowered = {}, {}
+    for name, value in wire.relayable(headers.items(), hop_tokens, drop):
+        key = name.lower()
+        if key in lowered:
+            out[lowered[key]] += ", " + value
         else:
+            lowered[key] = name
             out[name] = value
+    accepted = headers.get_all("Accept-Encoding")
+    if accepted and "accept-encoding" not in hop_tokens:
+        out["Accept-Encoding"] = narrow_encodings(", ".join(accepted))
     if settings.upstream_api_key:
         out["x-api-key"] = settings.upstream_api_key
         return out, settings.upstream_api_key
-    credential = headers.get("x-api-key") or wire.bearer(headers.get("Authorization"))
-    return out, credential
+    api_key = out.get(lowered.get("x-api-key"))
+    authorization = out.get(lowered.get("authorization"))
+    return out, api_key or wire.bearer(authorization)
 
 
-def _printable(value, limit=128):
-    if value is None:
-        return None
-    return "".join(ch for ch in value[:limit] if ch.isprintable()) or None
+def new_record(path, started_ms, account=None, session_id=None):
+    return {
+        "timestamp": started_ms,
+        "account": account,
+        "path": path,
+        "model": None,
+        "status": None,
+        "stream": False,
+        "api": "openai" if path == "/v1/chat/completions" else "anthropic",
+        "inputTokens": 0, "outputTokens": 0, "cacheReadTokens": 0, "cacheCreateTokens": 0,
+        "ttfbMs": None, "latencyMs": None,
+        "claim": "unknown", "bucket": billing.UNKNOWN,
+        "unifiedStatus": None, "util5h": None, "util7d": None, "overageUtil": None,
+        "overageStatus": None, "overageInUse": None,
+        "requestId": None, "outcome": "ok",
+        "sessionId": session_id,
+    }
+
+
+def rejected_record(path, status, started_ms, started):
+    """The record of a request to a forwarded route refused before it became an exchange."""
+    record = new_record(path, started_ms)
+    record.update(status=status, outcome="rejected", latencyMs=round((time.monotonic() - started) * 1000, 2))
+    return record
 
 
 class Exchange:
     """One forwarded request's state, from the guard check to the record."""
 
-    def __init__(self, handler, path, query, body):
-        self.h = handler
-        self.server = handler.server
-        self.path = path
-        self.path_and_query = path + ("?" + query if query else "")
-        self.body = body
-        self.started = handler.started
+    def __init__(self, server, request, reply):
+        self.server = server
+        self.req = request
+        self.reply = reply
+        self.body = b""
+        self.budgets = server.budgets           # the one this request reserves on, even across a reload
         self.reservation = None
-        self.budgets = self.server.budgets       # the one this request reserves on, even across a reload
-        model, self.max_tokens = request_facts(body)
-        self.record = {
-            "timestamp": handler.started_ms,
-            "account": "anonymous",
-            "path": path,
-            "model": model,
-            "status": None,
-            "stream": False,
-            "api": "openai" if path == "/v1/chat/completions" else "anthropic",
-            "inputTokens": 0, "outputTokens": 0, "cacheReadTokens": 0, "cacheCreateTokens": 0,
-            "ttfbMs": None, "latencyMs": None,
-            "claim": "unknown", "bucket": billing.UNKNOWN,
-            "unifiedStatus": None, "util5h": None, "util7d": None, "overageUtil": None,
-            "overageStatus": None, "overageInUse": None,
-            "requestId": None, "outcome": "ok",
-            "sessionId": _printable(handler.headers.get(_SESSION_HEADER)),
-        }
+        self.worst_usd = 0.0                    # this request's worst-case cost
+        self.sent = False                       # some of it may have reached the upstream
+        self.guarded = request.path in guard_mod.BLOCKED_PATHS
+        self.headers, credential = upstream_headers(server.settings, request.headers, request.hop_tokens)
+        self.record = new_record(request.path, request.started_ms,
+                                 account_label(server.account_aliases, credential),
+                                 _text(request.headers.get(_SESSION_HEADER), 128))
+
+    # -- before the body (Expect: 100-continue) ------------------------------------
+
+    def admit(self):
+        """Before the body is read: False (after answering 503) when a halt blocks it.
+
+        A client that asked for `100 Continue` is never invited to upload a body that
+        would certainly be refused.
+        """
+        if not self.guarded:
+            return True
+        halt = self.server.guard.check(self.record["account"])
+        if halt is None:
+            return True
+        self._blocked(halt)
+        return False
+
+    def refused(self, status):
+        """The gateway refused this request itself (a wire.HttpError): record it."""
+        self.finish(status, "rejected")
 
     # -- the exchange ------------------------------------------------------------
 
@@ -118,61 +214,91 @@ class Exchange:
         try:
             self._run()
         finally:
-            if self.reservation is not None:        # never finished: release what it held
-                self.budgets.settle(self.reservation, self.record["account"], 0.0, self.request_info())
+            if self.reservation is not None:    # never finished: release what it held
+                usd = self.worst_usd if self.sent else 0.0
+                self.budgets.settle(self.reservation, self.record["account"], usd, self.request_info())
+                self.reservation = None
 
     def _run(self):
-        headers, credential = upstream_headers(self.h)
-        self.record["account"] = account_label(self.server.account_aliases, credential)
-        if self.path in guard_mod.BLOCKED_PATHS:
-            halt = self.server.guard.check(self.record["account"])
+        record = self.record
+        try:
+            model, max_tokens, stream = request_facts(self.body)
+        except budgets.BadRequest as err:
+            raise wire.HttpError(400, str(err)) from None
+        record["model"], record["stream"] = model, stream
+        if self.guarded:
+            self.worst_usd = budgets.worst_case_usd(model, len(self.body), max_tokens)
+            halt = self.server.guard.check(record["account"])
             if halt is not None:
-                extra, body = guard_mod.blocked_response(halt, int(self.server.clock() * 1000))
-                self.finish(503, "halted")          # recorded before the client can see it
-                self.h.send_json(503, body, extra)
+                self._blocked(halt)
                 return
             if self.budgets.active:
-                reservation = self.budgets.reserve(self.record["account"], self.record["model"],
-                                                   len(self.body), self.max_tokens)
+                reservation = self.budgets.reserve(record["account"], model, len(self.body), max_tokens)
                 if isinstance(reservation, budgets.Refusal):
                     extra, body = reservation.response()
-                    self.finish(503, "halted")
-                    self.h.send_json(503, body, extra)
+                    self.finish(503, "halted")          # recorded before the client can see it
+                    self.reply.json(503, body, extra.items())
                     return
                 self.reservation = reservation
+        cancel = Cancel()
+        watch = self.req.watch
+        watch.watch(cancel.fire)                # a client that hangs up stops the exchange
         try:
-            resp = self.server.upstream.send(self.h.command, self.path_and_query, headers, self.body)
-        except UpstreamError as err:
-            self.finish(err.status, "upstream_error")
-            self.h.send_bytes(err.status, wire.error_body(err.kind, err.reason))
-            return
-        self.record["ttfbMs"] = round((time.monotonic() - self.started) * 1000, 2)
-        self.relay(resp)
+            self.sent = True
+            try:
+                resp = self.server.upstream.send(self.req.method, self._target(), self.headers, self.body,
+                                                 cancel)
+            except ClientGone as gone:
+                self.sent = gone.sent
+                self.reply.close = True
+                self.finish(None, "client_gone", estimated=self.sent)
+                return
+            except UpstreamError as err:
+                self.sent = err.sent
+                self.finish(err.status, "upstream_error", estimated=self.sent)
+                self.reply.error(err.status, err.kind, err.reason)
+                return
+            record["ttfbMs"] = round((time.monotonic() - self.req.started) * 1000, 2)
+            self.relay(resp, cancel)
+        finally:
+            watch.unwatch()
+
+    def _target(self):
+        return self.req.path + ("?" + self.req.query if self.req.query else "")
+
+    def _blocked(self, halt):
+        extra, body = self.server.guard.blocked_response(halt, int(self.server.clock() * 1000))
+        self.finish(503, "halted")              # recorded before the client can see it
+        self.reply.json(503, body, extra.items())
 
     def _observe(self, resp):
-        rate = billing.parse_ratelimit(resp.headers.get, self.server.settings.guard.subscription_claims)
+        rate = billing.parse_ratelimit(resp.headers, self.server.settings.guard.subscription_claims)
         self.record.update(rate)
-        self.record["requestId"] = _printable(resp.headers.get("request-id"))
+        self.record["requestId"] = _text(resp.headers.get("request-id"), 128)
         self.server.guard.observe(rate, self.request_info())
 
-    def relay(self, resp):
+    def relay(self, resp, cancel):
         self._observe(resp)
-        status = resp.status
         meter = Meter(resp.headers.get("content-type", ""), resp.headers.get("content-encoding", ""))
-        self.record["stream"] = meter.is_stream
-        framing, head = self._response_head(resp, status)
-        out = self.h.wfile
-        self.h.responded = True     # the head is going out: a later failure can only close
-        gone = []               # set by the watchdog when the client hangs up
-        self.h.slot.watch(lambda: (gone.append(True), resp.abort()))
+        headers = self._response_headers(resp)
+        status = resp.status
+        if self.server.settings.upstream_api_key and status >= 300 and resp.framing != "none":
+            self._relay_redacted(resp, meter, headers)
+            return
+        reply = self.reply
+        length = resp.length if resp.framing == "length" else None
+        reason = "".join(ch for ch in (resp.reason or "") if ch.isprintable())[:64]
         outcome, died = "ok", None
         try:
-            if framing == "none":
-                out.write(head)
+            if resp.framing == "none" or length == 0:
+                reply.start(status, headers, length, reason)
             else:
-                if framing != "length":
-                    out.write(head)
-                    head = None
+                # A body of known length: the head waits for its first bytes (one write for
+                # both), so if the upstream dies before any, the client still gets a clean
+                # 502. Other bodies (streams) get their head at once, as the upstream sent it.
+                first = length is not None
+                if not first:
+                    reply.start(status, headers, length, reason)
                 while True:
                     try:
                         data = resp.read1(READ_SIZE)
@@ -182,88 +308,117 @@ class Exchange:
                     if not data:
                         break
                     meter.feed(data)
-                    payload = wire.chunk(data) if framing == "chunked" else data
-                    if head is not None:
-                        payload, head = head + payload, None
-                    out.write(payload)
-                if died is None:
-                    if head is not None:
-                        out.write(head)     # an empty Content-Length body
-                    elif framing == "chunked":
-                        out.write(wire.LAST_CHUNK)
-                elif not gone:
-                    outcome = "upstream_error"
-                    if head is not None:    # nothing sent yet: a clean 502 instead
-                        status = 502
-                        self.h.send_bytes(502, wire.error_body("api_error", "upstream connection lost before the body"))
+                    if first:
+                        reply.start(status, headers, length, reason, body=data)
+                        first = False
                     else:
-                        self._end_after_upstream_death(framing, meter, died)
+                        reply.write(data)
+                if died is None:
+                    if first:
+                        reply.start(status, headers, length, reason)
+                    reply.end()
+                elif not cancel.fired:
+                    outcome = "upstream_error"
+                    if first:                   # nothing sent yet: a clean 502 instead
+                        status = 502
+                        self.reply.error(502, "api_error", "upstream connection lost before the body")
+                    else:
+                        self._end_after_upstream_death(meter, died)
         except OSError:
             outcome = "client_gone"
-        finally:
-            self.h.slot.unwatch()
-        if gone:
+        if cancel.fired:
             outcome = "client_gone"
-        if outcome == "ok" and died is None:
+        self._settle_connection(resp, outcome == "ok" and died is None)
+        self._finish_metered(status, outcome, meter)
+
+    def _relay_redacted(self, resp, meter, headers):
+        """An error answer while DARIO_UPSTREAM_API_KEY is set: read it whole (bounded) and
+        replace any echo of the key, so a client holding only the dario key never learns it."""
+        parts, size, died = [], 0, False
+        while size <= REDACT_CAP:
+            try:
+                data = resp.read1(READ_SIZE)
+            except _UPSTREAM_READ_ERRORS:
+                died = True
+                break
+            if not data:
+                break
+            parts.append(data)
+            size += len(data)
+        complete = not died and size <= REDACT_CAP
+        self._settle_connection(resp, complete)
+        body = b"".join(parts)
+        meter.feed(body)
+        if not complete:
+            self.reply.error(502, "api_error", "the upstream's error answer could not be relayed whole")
+            self._finish_metered(502, "upstream_error", meter)
+            return
+        key = self.server.settings.upstream_api_key.encode("latin-1", "replace")
+        body = body.replace(key, REDACTED.encode())
+        content_type = resp.headers.get("content-type", "application/octet-stream")
+        headers = [(n, v) for n, v in headers if n.lower() != "content-type"]
+        self.reply.send(resp.status, body, content_type, headers)
+        self._finish_metered(resp.status, "ok", meter)
+
+    def _settle_connection(self, resp, complete):
+        if complete:
             resp.release_conn()         # body fully read: the connection goes back to the pool
         else:
             resp.close()
-            self.h.close_connection = True
+            self.reply.close = True
+
+    def _finish_metered(self, status, outcome, meter):
         meter.close()
-        self.record["stream"] = meter.is_stream
+        record = self.record
+        record["stream"] = meter.is_stream or record["stream"]
         if meter.model:
-            self.record["model"] = meter.model
-        self.record.update(meter.usage)
+            record["model"] = _text(meter.model)
+        record.update(meter.usage)
         if outcome == "ok" and (status >= 500 or meter.error_type):
             outcome = "upstream_error"
         if outcome == "client_gone":
-            log.debug("client hung up during %s; upstream response closed", self.path)
-        self.finish(status, outcome)
+            log.debug("client hung up during %s; upstream exchange closed", self.req.path)
+        # A billed answer without its final usage report is charged its worst case, unless
+        # it was cut short on purpose (the client left, or the upstream ended it with an
+        # error event) after usage had been reported: then the reported usage counts.
+        billed = self.guarded and 200 <= status < 300
+        cut_short = outcome == "client_gone" or meter.error_type is not None
+        estimated = billed and not meter.final and not (cut_short and meter.reported)
+        self.finish(status, outcome, estimated)
 
-    def _response_head(self, resp, status):
-        """(body framing towards the client, head bytes) for the upstream's response."""
+    def _response_headers(self, resp):
+        """The upstream's headers as relayed: framing headers are the reply's to write."""
         named = wire.connection_tokens(resp.headers)
         lines = list(wire.relayable(resp.headers.items(), named, {"content-length"}))
-        length = resp.headers.get("content-length")
-        if self.h.command == "HEAD" or status in (204, 304) or 100 <= status < 200:
-            framing = "none"
-        elif length is not None and length.strip().isdigit():
-            framing = "length"
-            lines.append(("Content-Length", length.strip()))
-        elif self.h.request_version == "HTTP/1.1":
-            framing = "chunked"
-            lines.append(("Transfer-Encoding", "chunked"))
-        else:
-            framing = "close"
-            self.h.close_connection = True
-        if self.h.close_connection or self.server.draining:
-            self.h.close_connection = True
-            lines.append(("Connection", "close"))
-        lines.extend(self.h.cors_headers())
-        reason = "".join(ch for ch in (resp.reason or "") if ch.isprintable())[:64]
-        head = f"HTTP/1.1 {status} {reason}\r\n" + "".join(f"{n}: {v}\r\n" for n, v in lines) + "\r\n"
-        return framing, head.encode("latin-1", "replace")
+        key = self.server.settings.upstream_api_key
+        if key:
+            lines = [(n, v.replace(key, REDACTED)) for n, v in lines]
+        return lines
 
-    def _end_after_upstream_death(self, framing, meter, err):
+    def _end_after_upstream_death(self, meter, err):
         """Tell a stream's client the upstream died; other bodies can only be cut short."""
-        self.h.close_connection = True
-        log.info("upstream connection lost during %s (%s)", self.path, type(err).__name__)
-        if not meter.is_stream or framing == "length":
+        self.reply.close = True
+        log.info("upstream connection lost during %s (%s)", self.req.path, type(err).__name__)
+        if not meter.is_stream or self.reply.framing == "length":
             return
         frame = (b"event: error\ndata: "
                  + wire.error_body("api_error", "upstream connection lost mid-stream") + b"\n\n")
-        self.h.wfile.write(wire.chunk(frame) + wire.LAST_CHUNK if framing == "chunked" else frame)
+        self.reply.end(frame)
 
     def request_info(self):
         record = self.record
         return {"timestamp": record["timestamp"], "model": record["model"], "account": record["account"],
-                "claim": record["claim"], "path": self.path, "requestId": record["requestId"]}
+                "claim": record["claim"], "path": self.req.path, "requestId": record["requestId"]}
 
-    def finish(self, status, outcome):
-        self.record["status"] = status
-        self.record["outcome"] = outcome
-        self.record["latencyMs"] = round((time.monotonic() - self.started) * 1000, 2)
-        record = self.server.store.add(self.record)
+    def finish(self, status, outcome, estimated=False):
+        record = self.record
+        record["status"] = status
+        record["outcome"] = outcome
+        record["latencyMs"] = round((time.monotonic() - self.req.started) * 1000, 2)
+        if estimated:
+            record["usageEstimated"] = True
+            record["costUsd"] = math.ceil(self.worst_usd * 1e6) / 1e6      # rounded up, never down
+        record = self.server.store.add(record)
         if self.reservation is not None:
             reservation, self.reservation = self.reservation, None
             self.budgets.settle(reservation, record["account"], record["costUsd"], self.request_info())

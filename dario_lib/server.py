@@ -4,10 +4,17 @@
 event bus, record store and watchdog; handlers reach them through `self.server`.
 Tests build as many servers as they like (port 0, injected clock and timer).
 
-It also bounds the gateway: past `max_connections` open connections a new one gets
-an immediate 503 `overloaded_error` instead of a thread, and `drain()` stops accepting,
-closes `/analytics/stream` subscribers at once and gives forwarded requests in flight
-up to ten seconds to finish.
+It also bounds the gateway:
+- past `max_connections` open connections a new one gets an immediate 503
+  `overloaded_error` instead of a thread; the accept loop never waits on that client
+  (its socket is handed to the `Lingerer`). The cap stays below the process's
+  descriptor limit with headroom for the upstream pool, lingering closes, the state
+  file, the ledger and notifications, and `run()` raises the soft limit to the hard one
+  first. Should `accept()` still hit EMFILE, one spare descriptor is given up to take
+  the waiting client, answer it 503 and close it, so the accept loop never spins;
+- request heads and bodies held in memory are bounded in total (`heads`, `bodies`);
+- `drain()` stops accepting, closes `/analytics/stream` subscribers at once and gives
+  forwarded requests in flight up to ten seconds to finish.
 
 `run()` is the `proxy` command: bind, announce, serve until SIGINT/SIGTERM, drain.
 """
@@ -23,13 +30,19 @@ import threading
 import time
 from http.server import ThreadingHTTPServer
 
-from . import __version__
+try:
+    import resource
+except ImportError:                 # not on Windows
+    resource = None
+
+from . import __version__, guardtext, proxy
 from .alerts import Alerts
 from .budgets import Budgets, Ledger
 from .events import EventBus
 from .guard import Guard
 from .handler import Handler
-from .notify import Notifier
+from .linger import Lingerer, MAX_SOCKETS as LINGER_SOCKETS
+from .notify import Notifier, secrets_of
 from .records import RecordStore
 from .statefile import StateFile
 from .upstream import Upstream
@@ -39,14 +52,66 @@ from .wire import error_body
 log = logging.getLogger(__name__)
 
 MAX_CONNECTIONS = 1024
-LINGER_S = 1.0                      # how long a closing connection drains unread input
-LINGER_READS = 16                   # ...and at most this many reads of it
+UPSTREAM_POOL = 64
+# Descriptors kept free of client connections: the idle upstream pool, lingering closes,
+# and the rest (listener, stdio, state file, ledger, log file, notification pipes).
+FD_HEADROOM = UPSTREAM_POOL + LINGER_SOCKETS + 64
 DRAIN_S = 10
 _OVERLOADED = error_body("overloaded_error", "dario is at its connection limit; retry shortly")
 _OVERLOADED_RESPONSE = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
     b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s"
     % (len(_OVERLOADED), _OVERLOADED))
+
+
+def fd_limit():
+    """The soft limit on open descriptors, or None where it cannot be read."""
+    if resource is None:
+        return None
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def raise_fd_limit():
+    """Raise the soft descriptor limit to the hard one (login shells and systemd often
+    leave it at 1024). Returns the soft limit in force afterwards."""
+    if resource is None:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as err:        # macOS caps it below an infinite hard limit
+            log.debug("could not raise the descriptor limit: %s", err)
+    return fd_limit()
+
+
+def connection_cap(limit, wanted=MAX_CONNECTIONS):
+    """How many client connections fit under a descriptor limit: each may hold two
+    descriptors (the client's and one upstream socket), after FD_HEADROOM."""
+    if limit is None:
+        return wanted
+    return max(1, min(wanted, (limit - FD_HEADROOM) // 2))
+
+
+class Allowance:
+    """A gateway-wide bound on bytes held for requests in flight (heads or bodies)."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def take(self, n):
+        with self._lock:
+            if self.used + n > self.limit:
+                return False
+            self.used += n
+            return True
+
+    def give(self, n):
+        with self._lock:
+            self.used -= n
 
 
 class Tracker:
@@ -77,22 +142,28 @@ class GatewayServer(ThreadingHTTPServer):
     block_on_close = False
 
     def __init__(self, settings, *, clock=time.time, timer_factory=threading.Timer,
-                 notifier=None, heartbeat_s=25.0, max_connections=MAX_CONNECTIONS, bus=None):
+                 notifier=None, heartbeat_s=25.0, max_connections=None, bus=None):
         self.address_family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
         super().__init__((settings.host, settings.port), Handler)
         self.settings = settings
         self.clock = clock
         self.heartbeat_s = heartbeat_s
-        self.max_connections = max_connections
+        self.max_connections = max_connections or connection_cap(fd_limit())
+        self.heads = Allowance(settings.max_head_bytes_in_flight)
+        self.bodies = Allowance(settings.max_body_bytes_in_flight)
+        self.lingerer = Lingerer()
+        self._spare = _spare_fd()
         self.bus = bus if bus is not None else EventBus()
         self.store = RecordStore(settings.max_records, self.bus, settings.log_file)
-        self.upstream = Upstream(settings.upstream, settings.read_timeout_s, pool_size=64)
-        self.notifier = notifier if notifier is not None else Notifier(settings.guard.notify_os)
+        self.upstream = _upstream(settings)
+        secrets = secrets_of(settings)          # kept out of every child process's environment
+        self.notifier = notifier if notifier is not None else Notifier(settings.guard.notify_os, secrets=secrets)
         self.alerts = Alerts(settings.notify_command, settings.notify_webhook,
-                             origin=f"dario@{socket.gethostname()}:{self.server_address[1]}")
+                             origin=f"dario@{socket.gethostname()}:{self.server_address[1]}", secrets=secrets)
         self.guard = Guard(settings.guard, bus=self.bus, notifier=self.notifier, alerts=self.alerts,
                            state_file=StateFile(os.path.join(settings.home, "guard-state.json")),
-                           clock=clock, timer_factory=timer_factory)
+                           clock=clock, timer_factory=timer_factory,
+                           resume_command=guardtext.resume_command(self.server_address[1]))
         self.budgets = self._budgets(settings)
         self.watchdog = Watchdog().start()
         self.tracker = Tracker()
@@ -123,18 +194,41 @@ class GatewayServer(ThreadingHTTPServer):
 
     # -- connections -------------------------------------------------------------
 
+    def get_request(self):
+        try:
+            return super().get_request()
+        except OSError as err:
+            if err.errno in (errno.EMFILE, errno.ENFILE):
+                self._shed_one()
+            raise
+
+    def _shed_one(self):
+        """At the descriptor limit: give up the spare descriptor to take the waiting client,
+        answer it 503 and close it, then take the spare back. Without this the listening
+        socket stays readable and the accept loop spins a core."""
+        if self._spare is None:
+            time.sleep(0.05)
+            self._spare = _spare_fd()
+            return
+        os.close(self._spare)
+        self._spare = None
+        try:
+            sock, _ = self.socket.accept()
+        except OSError:
+            sock = None
+        if sock is not None:
+            _refuse(sock)
+            sock.close()
+        self._spare = _spare_fd()
+
     def process_request(self, request, client_address):
         with self._conn_lock:
             full = self._connections >= self.max_connections
             if not full:
                 self._connections += 1
         if full:
-            try:
-                request.settimeout(1)
-                request.sendall(_OVERLOADED_RESPONSE)
-            except OSError:
-                pass
-            self.shutdown_request(request)
+            _refuse(request)
+            self.lingerer.add(request)      # never wait on this client here
             return
         try:
             super().process_request(request, client_address)
@@ -153,21 +247,9 @@ class GatewayServer(ThreadingHTTPServer):
             self._connections -= 1
 
     def shutdown_request(self, request):
-        """Close a client connection without losing the last answer to a TCP reset.
-
-        Closing a socket with unread request bytes makes the kernel send a reset, which can
-        destroy the response still in flight (an early 413 or 431, say). So stop sending,
-        read and discard what the client still sends for a moment, then close.
-        """
-        try:
-            request.shutdown(socket.SHUT_WR)
-            request.settimeout(LINGER_S)
-            for _ in range(LINGER_READS):
-                if not request.recv(65536):
-                    break
-        except OSError:
-            pass
-        self.close_request(request)
+        """Close a client connection without losing the last answer to a TCP reset
+        (see `linger`), on the lingerer's thread."""
+        self.lingerer.add(request)
 
     def handle_error(self, request, client_address):
         log.debug("error on a connection from %s", client_address[0], exc_info=True)
@@ -208,6 +290,10 @@ class GatewayServer(ThreadingHTTPServer):
         self.watchdog.stop()
         self.upstream.close()
         self.store.close()
+        self.lingerer.stop()
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
         return finished
 
     def reconfigure(self, settings):
@@ -220,9 +306,9 @@ class GatewayServer(ThreadingHTTPServer):
         restart = [name for name, attr in (("host", "host"), ("port", "port"), ("maxRecords", "max_records"))
                    if getattr(old, attr) != getattr(settings, attr)]
         settings = dataclasses.replace(settings, host=old.host, port=old.port, max_records=old.max_records)
-        if (settings.upstream, settings.read_timeout_s) != (old.upstream, old.read_timeout_s):
+        if _upstream_key(settings) != _upstream_key(old):
             # The old session is left to in-flight requests and the garbage collector.
-            self.upstream = Upstream(settings.upstream, settings.read_timeout_s, pool_size=64)
+            self.upstream = _upstream(settings)
         if settings.log_file != old.log_file:
             self.store.set_log_file(settings.log_file)
         self.account_aliases = {digest: alias for alias, digest in settings.accounts.items()}
@@ -246,6 +332,7 @@ class GatewayServer(ThreadingHTTPServer):
             "version": __version__,
             "bind": f"{settings.host}:{self.port}",
             "upstream": settings.upstream,
+            "upstreamProxy": self.upstream.proxy.public() if self.upstream.proxy else None,
             "configSource": settings.config_source,
             "configPath": settings.config_path,
             "uptimeS": round(time.monotonic() - self.started_at, 1),
@@ -258,6 +345,7 @@ class GatewayServer(ThreadingHTTPServer):
                 "trips": dict(self.guard.trips),
                 "warnings": self.guard.warnings,
                 "guards": self.guard.config.guards(),
+                "resumeCommand": self.guard.resume_command,
             },
             "budgets": self.budgets.status(),
             "alerts": {"command": bool(settings.notify_command), "webhook": bool(settings.notify_webhook)},
@@ -267,8 +355,36 @@ class GatewayServer(ThreadingHTTPServer):
             "lastRate": summary["lastRate"],
             "inFlight": self.tracker.count,
             "connections": self.connections,
+            "maxConnections": self.max_connections,
             "subscribers": self.bus.count,
         }
+
+
+def _upstream(settings):
+    """The upstream client for these settings (raises ValueError for a bad proxy variable)."""
+    return Upstream(settings.upstream, settings.read_timeout_s, pool_size=UPSTREAM_POOL,
+                    proxy=proxy.choose(settings.upstream, settings.upstream_proxy),
+                    ca_file=settings.upstream_ca_file)
+
+
+def _upstream_key(settings):
+    return (settings.upstream, settings.read_timeout_s, settings.upstream_proxy, settings.upstream_ca_file)
+
+
+def _spare_fd():
+    try:
+        return os.open(os.devnull, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+
+
+def _refuse(sock):
+    """The over-cap answer, written without blocking (a client not reading loses it)."""
+    try:
+        sock.setblocking(False)
+        sock.send(_OVERLOADED_RESPONSE)
+    except OSError:
+        pass
 
 
 def _another_gateway(host, port):
@@ -303,8 +419,12 @@ def run(settings, reload=None):
 
     `reload()` returns freshly resolved Settings; it is called on SIGHUP.
     """
+    limit = raise_fd_limit()
     try:
         server = GatewayServer(settings)
+    except ValueError as err:               # an unusable proxy or CA file
+        log.error("%s", err)
+        return 2
     except OSError as err:
         if err.errno == errno.EADDRINUSE:
             who = ("another dario gateway is listening there" if _another_gateway(settings.host, settings.port)
@@ -335,6 +455,9 @@ def run(settings, reload=None):
              f", cooldown {guard.cooldown_ms // 1000}s" if guard.cooldown_ms else ", manual resume")
     if settings.api_key:
         log.info("gateway auth is on: clients send x-dario-api-key or Proxy-Authorization")
+    if limit is not None and server.max_connections < MAX_CONNECTIONS:
+        log.warning("the open-file limit is %d: serving at most %d connections at once "
+                    "(raise it, e.g. LimitNOFILE= or ulimit -n, for more)", limit, server.max_connections)
     sd_notify("READY=1")
     while True:
         if not stop.wait(1.0):      # a timeout keeps Ctrl-C responsive on Windows too
@@ -360,6 +483,10 @@ def _reload(server, reload):
         return
     for warning in settings.warnings:
         log.warning("%s", warning)
-    needs_restart = server.reconfigure(settings)
+    try:
+        needs_restart = server.reconfigure(settings)
+    except ValueError as err:               # an unusable proxy variable: keep the old upstream
+        log.error("config not reloaded: %s", err)
+        return
     log.info("config reloaded from %s (%s)%s", settings.config_path, settings.config_source,
              f"; {', '.join(needs_restart)} change(s) need a restart" if needs_restart else "")

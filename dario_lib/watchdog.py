@@ -8,9 +8,11 @@ connection:
 - `slot.arm(seconds)` gives the connection a total deadline (request head, request
   body); past it the socket is shut down, which wakes the blocked reader with EOF.
   `slot.disarm()` lifts it.
-- `slot.watch(on_gone)` polls the client socket while a response streams; when the
-  peer has closed it, `on_gone()` runs once (the relay uses it to close the upstream
-  response). `slot.unwatch()` stops that.
+- `slot.watch(on_gone)` polls the client socket while a request is with the upstream
+  (waiting for its answer, then while the answer streams); when the peer has closed it,
+  `on_gone()` runs once (the relay uses it to stop the upstream exchange).
+  `slot.unwatch()` stops that. A hang-up is seen even when the client had already sent
+  more bytes (a pipelined request): on Linux through POLLRDHUP, elsewhere by peeking.
 
 A slot is registered once per connection, so arming and watching on the request path
 are plain attribute writes, with no lock (each is one atomic store under the GIL; the
@@ -36,6 +38,24 @@ def peer_closed(sock):
     except OSError:
         return True
     return data == b""
+
+
+_RDHUP = getattr(select, "POLLRDHUP", 0)
+_GONE = select.POLLHUP | select.POLLERR | _RDHUP if hasattr(select, "poll") else 0
+
+
+def hung_up(socks):
+    """The sockets whose peer has closed (or reset) the connection, data waiting or not."""
+    if _RDHUP:
+        poller = select.poll()
+        by_fd = {}
+        for sock in socks:
+            fd = sock.fileno()
+            if fd >= 0:
+                by_fd[fd] = sock
+                poller.register(fd, _RDHUP)
+        return {by_fd[fd] for fd, events in poller.poll(0) if fd in by_fd and events & _GONE}
+    return {sock for sock in readable(socks) if peer_closed(sock)}
 
 
 def readable(socks):
@@ -131,8 +151,8 @@ class Watchdog:
                 watched.append((slot, on_gone))
         if not watched:
             return
-        ready = readable([slot.sock for slot, _ in watched])
+        gone = hung_up([slot.sock for slot, _ in watched])
         for slot, on_gone in watched:
-            if slot.sock in ready and peer_closed(slot.sock) and slot.on_gone is on_gone:
+            if slot.sock in gone and slot.on_gone is on_gone:
                 slot.on_gone = None
                 on_gone()

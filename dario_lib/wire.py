@@ -21,6 +21,7 @@ HOP_BY_HOP = frozenset({
 })
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_OWS = " \t"
 _MAX_CHUNK_LINE = 4096
 _MAX_TRAILERS = 64
 
@@ -84,13 +85,14 @@ def body_framing(headers, limit):
     if te and cl:
         raise HttpError(400, "Content-Length and Transfer-Encoding together are not allowed")
     if te:
-        codings = [c.strip().lower() for value in te for c in value.split(",") if c.strip()]
+        # Only optional whitespace (SP, HTAB) pads a value: "chunked\x0b" is not "chunked".
+        codings = [c.strip(_OWS).lower() for value in te for c in value.split(",") if c.strip(_OWS)]
         if codings != ["chunked"]:
             raise HttpError(400, "only Transfer-Encoding: chunked is supported for request bodies")
         return "chunked", None
     if not cl:
         return "none", 0
-    values = {v.strip() for value in cl for v in value.split(",")}
+    values = {v.strip(_OWS) for value in cl for v in value.split(",")}
     if len(values) != 1:
         raise HttpError(400, "conflicting Content-Length values")
     value = values.pop()
@@ -103,11 +105,17 @@ def body_framing(headers, limit):
 
 
 class BodyReader:
-    """Reads a framed body from a buffered socket file, in bounded pieces."""
+    """Reads a framed body from a buffered socket file, in bounded pieces.
 
-    def __init__(self, rfile, limit):
+    `charge(n)` is called before each piece of a chunked body is read (a declared
+    Content-Length is charged by the caller up front); it raises HttpError when the
+    gateway's total of request bodies in flight would pass its bound.
+    """
+
+    def __init__(self, rfile, limit, charge=None):
         self.rfile = rfile
         self.limit = limit
+        self.charge = charge
 
     def read(self, framing, length):
         if framing == "none":
@@ -135,7 +143,7 @@ class BodyReader:
     def _chunked(self):
         parts, total = [], 0
         while True:
-            size_text = self._line().split(b";", 1)[0].strip()
+            size_text = self._line().split(b";", 1)[0].strip(b" \t")
             if not _CHUNK_SIZE.fullmatch(size_text):
                 raise HttpError(400, "bad chunk size in chunked body")
             size = int(size_text, 16)
@@ -144,6 +152,8 @@ class BodyReader:
             total += size
             if total > self.limit:
                 raise HttpError(413, f"request body is over the {self.limit}-byte limit")
+            if self.charge is not None:
+                self.charge(size)
             parts.append(self._exact(size))
             if self.rfile.read(2) != b"\r\n":
                 raise HttpError(400, "malformed chunked body")

@@ -4,6 +4,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import re
 import socket
 import threading
 import time
@@ -224,3 +225,80 @@ def hammer_until_halt(gateway, sim, clients=32, after_s=0.4, mixed=False):
     return {"late": [rid for rid in sent_after if rid in reached],
             "blocked_after": [rid for rid in sent_after if results.get(rid) == 503],
             "sent_after": sent_after, "total": len(sent)}
+
+
+class RawUpstream:
+    """A raw HTTP/1.1 upstream on a free loopback port, for faults the simulator cannot make.
+
+    Each connection is served on its own daemon thread. Every request (its head and its
+    Content-Length body) is recorded in `requests` and handed to
+    `answer(n, head, body, conn)`, n counting requests from 1 across connections;
+    `answer` writes whatever it likes and returns True to keep the connection for the
+    next request, False to close it. `closed` is set once a connection ends.
+    """
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.requests = []
+        self.closed = threading.Event()
+        self._lock = threading.Lock()
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(64)
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self._thread = threading.Thread(target=self._accept, name="raw-upstream", daemon=True)
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), name="raw-upstream-conn", daemon=True).start()
+
+    def _serve(self, conn):
+        buf = b""
+        try:
+            conn.settimeout(30)
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    piece = conn.recv(65536)
+                    if not piece:
+                        return
+                    buf += piece
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                found = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
+                length = int(found.group(1)) if found else 0
+                while len(buf) < length:
+                    piece = conn.recv(65536)
+                    if not piece:
+                        return
+                    buf += piece
+                body, buf = buf[:length], buf[length:]
+                with self._lock:
+                    self.requests.append((head, body))
+                    n = len(self.requests)
+                if not self.answer(n, head, body, conn):
+                    return
+        except OSError:
+            return
+        finally:
+            conn.close()
+            self.closed.set()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._sock.close()
+
+
+def json_answer(obj, headers=(), status="200 OK", keep_alive=True):
+    """Raw bytes of a JSON answer with a Content-Length."""
+    body = json.dumps(obj).encode()
+    lines = [f"HTTP/1.1 {status}", "Content-Type: application/json", f"Content-Length: {len(body)}"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    if not keep_alive:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body

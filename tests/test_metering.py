@@ -131,3 +131,45 @@ def test_any_chunk_split_gives_the_same_totals(data):
     cuts = sorted(data.draw(st.lists(st.integers(0, len(body)), max_size=30)))
     pieces = [body[a:b] for a, b in zip([0] + cuts, cuts + [len(body)])]
     assert meter_of(body, pieces=pieces).usage == meter_of(body).usage
+
+
+# -- bounds: metering gives up on hostile bodies, never holds them ---------------------
+
+def test_an_endless_sse_event_is_skipped_without_being_held():
+    meter = Meter("text/event-stream")
+    line = b"data: " + b"x" * 1000 + b"\n"
+    for _ in range(20_000):                          # 20 MB of data lines, no blank line
+        meter.feed(line)
+        assert sum(len(part) for part in meter._data) <= 1024 * 1024
+    meter.feed(b"\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":7}}\n\n")
+    meter.close()
+    assert meter.usage["outputTokens"] == 7 and meter.final
+
+
+def test_a_gzip_bomb_is_metered_only_up_to_a_bound():
+    import gzip
+    import time
+    bomb = gzip.compress(b"data: " + b"0" * (200 * 1024 * 1024), 9)
+    meter = Meter("text/event-stream", "gzip")
+    began = time.monotonic()
+    for start in range(0, len(bomb), 16384):
+        meter.feed(bomb[start:start + 16384])
+    meter.close()
+    assert meter.gave_up and not meter.final
+    assert time.monotonic() - began < 3
+
+
+def test_usage_is_final_only_from_the_final_report():
+    meter = Meter("text/event-stream")
+    meter.feed(b'event: message_start\ndata: {"type":"message_start","message":{"usage":'
+               b'{"input_tokens":5,"output_tokens":1}}}\n\n')
+    meter.close()
+    assert meter.reported and not meter.final
+    meter = Meter("application/json")
+    meter.feed(b'{"type": "message"}')
+    meter.close()
+    assert not meter.reported and not meter.final
+    meter = Meter("application/json", "br")
+    meter.feed(b"\x1b\x0f\x00")
+    meter.close()
+    assert meter.gave_up and not meter.final
