@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 
+import guards
 import loadgen
 import plot
 import procs
@@ -134,6 +135,14 @@ def measure_all(args, plan, kids, tmp, figures):
         figures["profile"] = profile_gateway(targets[1], plan, args.profile)
     log(f"dario: halt-to-block, {args.runs} runs with 32 clients")
     figures["halt"] = scenarios.halt_to_block(gateway.port, sim.port, args.runs)
+
+    log("dario: 200 mixed requests from 16 clients against a $1 budget")
+    scenarios.reset_simulator(sim.port)
+    figures["budget_escape"] = guards.budget_escape(kids, sim.port, _home(tmp, "home-budget"),
+                                                    requests_total=60 if args.quick else 200)
+    if not args.quick:
+        log("dario: 1024 stalled connections with maximal heads and bodies")
+        figures["stalled_memory"] = guards.stalled_memory(kids, sim.port, _home(tmp, "home-stalled"))
 
     # Held streams go to a fresh gateway, so "after" can be compared with its idle RSS.
     fresh = kids.dario(sim.port, _home(tmp, "home-held"))

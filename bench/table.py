@@ -199,6 +199,33 @@ def halt_rows(fig):
     ]
 
 
+def guard_rows(fig):
+    """Money that escaped a budget under mixed hostile traffic; memory under stalled load."""
+    rows = []
+    money = _get(fig, "budget_escape")
+    if money:
+        within = money["escaped_usd"] <= money["one_reservation_usd"]
+        rows.append(Row(
+            "budget_escaped_usd",
+            f"$ escaped a ${money['budget_usd']:g} budget ({money['requests']} mixed, {money['clients']} clients)",
+            {"direct": None, "dario": money["escaped_usd"], "nginx": None},
+            {"direct": "-", "dario": f"${money['escaped_usd']:.3f} (billed ${money['upstream_billed_usd']:.2f})",
+             "nginx": "-"},
+            target=f"<= 1 reservation (${money['one_reservation_usd']:.3f})", met=within,
+            extra={k: v for k, v in money.items() if k != "escaped_usd"}))
+    mem = _get(fig, "stalled_memory")
+    if mem and "peak_rss_mb" in mem:
+        bound = mem["idle_rss_mb"] + mem["heads_total_mb"] + mem["bodies_total_mb"]
+        rows.append(Row(
+            "stalled_rss_mb", f"{mem['connections']} stalled max heads/bodies: peak RSS (MB)",
+            {"direct": None, "dario": mem["peak_rss_mb"], "nginx": None},
+            {"direct": "-", "dario": f"{_num(mem['idle_rss_mb'], 1)} -> {_num(mem['peak_rss_mb'], 1)}",
+             "nginx": "-"},
+            target=f"< idle + 64 + 256 MB ({bound:.0f})", met=mem["peak_rss_mb"] < bound and mem["health_after"],
+            extra=dict(mem)))
+    return rows
+
+
 def growth_rows(fig):
     """Cost growth: latency p50 and RSS against clients, then against request body size."""
     rows = []
@@ -237,7 +264,7 @@ def startup_rows(fig):
 
 def build_rows(fig):
     return (latency_rows(fig) + throughput_rows(fig) + stream_rows(fig) + held_rows(fig)
-            + halt_rows(fig) + growth_rows(fig) + startup_rows(fig))
+            + halt_rows(fig) + guard_rows(fig) + growth_rows(fig) + startup_rows(fig))
 
 
 def render(rows, has_nginx=True):
@@ -284,6 +311,12 @@ def summary(rows, fig):
     halt = _get(fig, "halt")
     if halt:
         parts.append(f"halt-to-block {halt['runs_with_late']}/{halt['runs']}")
+    money = _get(fig, "budget_escape")
+    if money:
+        parts.append(f"escaped ${money['escaped_usd']:.3f} of ${money['budget_usd']:g}")
+    mem = _get(fig, "stalled_memory")
+    if mem and "peak_rss_mb" in mem:
+        parts.append(f"stalled RSS {mem['peak_rss_mb']:.0f} MB")
     st = _get(fig, "startup")
     if st:
         parts.append(f"start {st['startup_ms']:.0f} ms, idle {st['idle_rss_mb']:.0f} MB")
