@@ -26,6 +26,9 @@ def _window(totals):
         "cacheReadTokens": totals["cacheReadTokens"],
         "cacheCreateTokens": totals["cacheCreateTokens"],
         "estimatedCostUsd": round(totals["costUsd"], 4),
+        # Of that, billed answers whose usage could not be read, charged their worst case.
+        "unmeteredRequests": totals["unmeteredRequests"],
+        "unmeteredCostUsd": round(totals["unmeteredCostUsd"], 4),
         "avgLatencyMs": round(totals["latencyMsSum"] / requests, 1) if requests else None,
         "errorRate": round(totals["errors"] / requests, 4) if requests else 0.0,
         "claimBreakdown": dict(totals["claims"]),

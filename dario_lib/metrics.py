@@ -95,6 +95,12 @@ def render(server):
         if values["costUsd"]:
             out.sample("dario_cost_usd_total", values["costUsd"], model=model, account=account,
                        bucket=bucket, outcome=outcome)
+    out.family("dario_unmetered_cost_usd_total", "counter",
+               "Of the cost, billed answers whose usage could not be read, charged their worst case.")
+    for (model, account, bucket, outcome), values in series:
+        if values.get("unmeteredCostUsd"):
+            out.sample("dario_unmetered_cost_usd_total", values["unmeteredCostUsd"], model=model,
+                       account=account, bucket=bucket, outcome=outcome)
 
     out.family("dario_guard_halted", "gauge", "1 while halted (account empty: the whole gateway).")
     out.sample("dario_guard_halted", 1 if any(h.account is None for h in halts) else 0, account="")

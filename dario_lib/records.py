@@ -26,7 +26,7 @@ MAX_KEYS = 1000   # distinct models/accounts tracked before lumping into "(other
 def new_totals():
     return {"requests": 0, "inputTokens": 0, "outputTokens": 0, "cacheReadTokens": 0,
             "cacheCreateTokens": 0, "costUsd": 0.0, "latencyMsSum": 0, "errors": 0,
-            "claims": {}, "buckets": {}}
+            "claims": {}, "buckets": {}, "unmeteredRequests": 0, "unmeteredCostUsd": 0.0}
 
 
 def add_to_totals(totals, record):
@@ -34,6 +34,10 @@ def add_to_totals(totals, record):
     for key in ("inputTokens", "outputTokens", "cacheReadTokens", "cacheCreateTokens"):
         totals[key] += record.get(key) or 0
     totals["costUsd"] += record.get("costUsd") or 0.0
+    if record.get("usageEstimated"):
+        # Billed answers whose usage could not be read: charged their worst case.
+        totals["unmeteredRequests"] += 1
+        totals["unmeteredCostUsd"] += record.get("costUsd") or 0.0
     totals["latencyMsSum"] += record.get("latencyMs") or 0
     if is_error(record):
         totals["errors"] += 1
@@ -134,10 +138,13 @@ class RecordStore:
         if key not in self.series and len(self.series) >= MAX_KEYS:
             key = ("(other)", "(other)", key[2], key[3])
         counters = self.series.setdefault(key, {"requests": 0, "inputTokens": 0, "outputTokens": 0,
-                                                "cacheReadTokens": 0, "cacheCreateTokens": 0, "costUsd": 0.0})
+                                                "cacheReadTokens": 0, "cacheCreateTokens": 0, "costUsd": 0.0,
+                                                "unmeteredCostUsd": 0.0})
         counters["requests"] += 1
         for field in ("inputTokens", "outputTokens", "cacheReadTokens", "cacheCreateTokens", "costUsd"):
             counters[field] += record.get(field) or 0
+        if record.get("usageEstimated"):
+            counters["unmeteredCostUsd"] += record.get("costUsd") or 0.0
         if record.get("latencyMs") is not None:
             self.latency.observe(record["latencyMs"] / 1000)
         if record.get("ttfbMs") is not None:

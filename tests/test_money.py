@@ -244,3 +244,14 @@ def test_a_halt_is_saved_at_the_descriptor_limit_and_survives_kill_9(sim, home):
         assert "STARTING HALTED" in again.log.upper()
     finally:
         again.stop(signal.SIGKILL)
+
+
+def test_unmetered_spend_is_shown_apart_in_analytics_and_metrics(sim, gateway):
+    chat = {"model": "claude-sonnet-4-5", "max_tokens": 100, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    requests.post(url(gateway, "/v1/chat/completions"), json=chat, headers={"Authorization": "Bearer k"})
+    requests.post(url(gateway), json=SONNET, headers={"x-api-key": "k"})
+    hour = requests.get(url(gateway, "/analytics")).json()["lastHour"]
+    assert hour["unmeteredRequests"] == 1 and 0 < hour["unmeteredCostUsd"] < hour["estimatedCostUsd"]
+    text = requests.get(url(gateway, "/metrics")).text
+    assert re.search(r'^dario_unmetered_cost_usd_total\{[^}]*path', text, re.M) is None
+    assert re.search(r'^dario_unmetered_cost_usd_total\{.*\} [0-9.]+$', text, re.M)
