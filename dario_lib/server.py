@@ -169,6 +169,7 @@ class GatewayServer(ThreadingHTTPServer):
         self.tracker = Tracker()
         self.account_aliases = {digest: alias for alias, digest in settings.accounts.items()}
         self.started_at = time.monotonic()
+        self.resolver = None            # () -> Settings, for reload(); set by run()
         self.draining = False
         self._connections = 0
         self._conn_lock = threading.Lock()
@@ -295,6 +296,26 @@ class GatewayServer(ThreadingHTTPServer):
             os.close(self._spare)
             self._spare = None
         return finished
+
+    def reload(self):
+        """Re-read the configuration as SIGHUP does and apply it. Returns the names that
+        need a restart, or raises ConfigError/ValueError (nothing applied) with the reason.
+        `resolver()` (set by `run`: the proxy command's flags and environment) resolves
+        the settings afresh."""
+        from .config import ConfigError
+        if self.resolver is None:
+            raise ConfigError("this gateway cannot reload its configuration")
+        try:
+            settings = self.resolver()
+            for warning in settings.warnings:
+                log.warning("%s", warning)
+            needs_restart = self.reconfigure(settings)
+        except (ConfigError, ValueError) as err:     # ValueError: an unusable proxy variable
+            log.error("config not reloaded: %s", err)
+            raise
+        log.info("config reloaded from %s (%s)%s", settings.config_path, settings.config_source,
+                 f"; {', '.join(needs_restart)} change(s) need a restart" if needs_restart else "")
+        return needs_restart
 
     def reconfigure(self, settings):
         """Apply reloaded settings (SIGHUP). Returns the names that need a restart instead.
@@ -447,6 +468,7 @@ def run(settings, reload=None):
     signal.signal(signal.SIGTERM, on_signal)
     if reload is not None and hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, on_hup)
+    server.resolver = reload
     server.start(poll_interval=0.1)      # shutdown waits at most this long for the accept loop
     guard = settings.guard
     log.info("dario %s listening on %s -> %s (guard: %s%s)", __version__, server.url, settings.upstream,
@@ -466,27 +488,12 @@ def run(settings, reload=None):
             break
         hup.clear()
         stop.clear()
-        _reload(server, reload)
+        try:
+            server.reload()
+        except ValueError:                  # said by reload(); the old settings stay
+            pass
     sd_notify("STOPPING=1")
     log.info("shutting down: draining requests in flight (up to %ss)", DRAIN_S)
     server.drain(DRAIN_S)
     log.info("stopped")
     return 0
-
-
-def _reload(server, reload):
-    from .config import ConfigError
-    try:
-        settings = reload()
-    except ConfigError as err:
-        log.error("config not reloaded: %s", err)
-        return
-    for warning in settings.warnings:
-        log.warning("%s", warning)
-    try:
-        needs_restart = server.reconfigure(settings)
-    except ValueError as err:               # an unusable proxy variable: keep the old upstream
-        log.error("config not reloaded: %s", err)
-        return
-    log.info("config reloaded from %s (%s)%s", settings.config_path, settings.config_source,
-             f"; {', '.join(needs_restart)} change(s) need a restart" if needs_restart else "")
