@@ -38,6 +38,8 @@ import shlex
 import sys
 from datetime import datetime, timezone
 
+from . import wire
+
 # Reason codes, as the guard records them.
 OVERAGE = "overage_detected"
 UTILIZATION = "utilization_threshold"
@@ -243,7 +245,7 @@ def blocked_response(halt, now_ms, command=DEFAULT_COMMAND):
     else:
         message += f"To resume: run `{run}` in another terminal (automatic resume is off)."
     kind = "dario_overage_guard" if reason == OVERAGE else "dario_guard"
-    body = {"type": "error", "error": {"type": kind, "message": message, "reason": reason}}
+    body = wire.error_object(kind, message, reason=reason)
     return headers, body
 
 
@@ -255,7 +257,7 @@ def refusal_response(budget, spent, reserved):
     message = (f"dario is holding this request back: the {_usd(budget.get('usd'))} budget per "
                f"{_text(budget.get('window'), '?')} for {whom} is fully committed ({_usd(spent)} spent, "
                f"{_usd(reserved)} reserved by requests in flight). Retry when they finish, or raise the budget.")
-    body = {"type": "error", "error": {"type": "dario_guard", "message": message, "reason": BUDGET}}
+    body = wire.error_object("dario_guard", message, reason=BUDGET)
     return {"Retry-After": "5"}, body
 
 

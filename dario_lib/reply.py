@@ -20,6 +20,7 @@ and Claude Code fail at once instead of retrying for minutes; answers a retry ca
 One Reply belongs to one request on one handler thread; it is not thread-safe.
 """
 
+import io
 import json
 from http.server import BaseHTTPRequestHandler
 
@@ -141,3 +142,11 @@ class Reply:
         self.status = status
         text = f"HTTP/1.1 {status} {reason}\r\n" + "".join(f"{n}: {v}\r\n" for n, v in lines) + "\r\n"
         return text.encode("latin-1", "replace")
+
+
+def prebuilt(status, kind, message, headers=()):
+    """The bytes of a whole error answer that closes its connection, built once, for the
+    accept loop's over-cap 503 (written where no request was read, so no Reply exists)."""
+    out = io.BytesIO()
+    Reply(out, close=True).error(status, kind, message, headers)
+    return out.getvalue()

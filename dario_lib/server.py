@@ -47,7 +47,7 @@ from .records import RecordStore
 from .statefile import StateFile
 from .upstream import Upstream
 from .watchdog import Watchdog
-from .wire import error_body
+from .reply import prebuilt
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +57,8 @@ UPSTREAM_POOL = 64
 # and the rest (listener, stdio, state file, ledger, log file, notification pipes).
 FD_HEADROOM = UPSTREAM_POOL + LINGER_SOCKETS + 64
 DRAIN_S = 10
-_OVERLOADED = error_body("overloaded_error", "dario is at its connection limit; retry shortly")
-_OVERLOADED_RESPONSE = (
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-    b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s"
-    % (len(_OVERLOADED), _OVERLOADED))
+_OVERLOADED_RESPONSE = prebuilt(503, "overloaded_error", "dario is at its connection limit; retry shortly",
+                                [("Retry-After", "1")])
 
 
 def fd_limit():

@@ -46,8 +46,14 @@ class HttpError(Exception):
         self.headers = headers or {}
 
 
-def error_body(kind, message):
-    return json.dumps({"type": "error", "error": {"type": kind, "message": message}}).encode()
+def error_object(kind, message, **extra):
+    """The Anthropic-shaped error every answer dario makes itself carries (SPEC), as a dict;
+    `extra` adds fields to the inner object (the guard's `reason`)."""
+    return {"type": "error", "error": {"type": kind, "message": message, **extra}}
+
+
+def error_body(kind, message, **extra):
+    return json.dumps(error_object(kind, message, **extra)).encode()
 
 
 def bearer(value):

@@ -255,3 +255,14 @@ def test_unmetered_spend_is_shown_apart_in_analytics_and_metrics(sim, gateway):
     text = requests.get(url(gateway, "/metrics")).text
     assert re.search(r'^dario_unmetered_cost_usd_total\{[^}]*path', text, re.M) is None
     assert re.search(r'^dario_unmetered_cost_usd_total\{.*\} [0-9.]+$', text, re.M)
+
+
+def test_an_absurd_max_tokens_is_a_clean_400_not_a_traceback(sim, home, caplog):
+    configure(home, guards={"budgets": [{"account": "*", "usd": 0.5, "window": "1d"}]})
+    with running_gateway(make_settings(home, sim.url)) as gateway:
+        body = '{"model": "claude-sonnet-4-5", "max_tokens": ' + "9" * 400 + ', "messages": []}'
+        resp = requests.post(url(gateway), data=body, headers={"x-api-key": "k"})
+        assert resp.status_code == 400 and resp.json()["error"]["type"] == "invalid_request_error"
+        assert "max_tokens" in resp.json()["error"]["message"] and sim.requests == []
+        assert "Traceback" not in caplog.text
+        assert gateway.store.snapshot()[-1]["outcome"] == "rejected"
