@@ -327,6 +327,8 @@ class GatewayServer(ThreadingHTTPServer):
         if _upstream_key(settings) != _upstream_key(old):
             # The old session is left to in-flight requests and the garbage collector.
             self.upstream = _upstream(settings)
+        self.heads.limit = settings.max_head_bytes_in_flight
+        self.bodies.limit = settings.max_body_bytes_in_flight
         if settings.log_file != old.log_file:
             self.store.set_log_file(settings.log_file)
         self.account_aliases = {digest: alias for alias, digest in settings.accounts.items()}

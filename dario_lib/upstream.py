@@ -293,6 +293,8 @@ class Upstream:
         self._idle = collections.deque()
         self._lock = threading.Lock()
         self._tls_context = None
+        if self.tls and ca_file:
+            self._tls()             # an unusable CA file stops start-up (ValueError), not a request
 
     # -- connections -------------------------------------------------------------
 

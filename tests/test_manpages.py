@@ -85,7 +85,7 @@ def test_dario_1_has_the_sections_and_the_contract_texts():
         assert f".SH {section}\n" in page, section
     for text in ("Retry-After", "x-should-retry: false", "dario_overage_guard", "guard-state.json",
                  "ANTHROPIC_BASE_URL=http://127.0.0.1:3456", "/analytics/stream", "/admin/resume",
-                 "Proxy was not halted", "No proxy running on localhost:", "Resume request returned HTTP",
+                 "Gateway was not halted", "No gateway running on 127.0.0.1:", "Resume request returned HTTP",
                  "dario-config (5)"):
         assert text in page, text
 

@@ -8,7 +8,10 @@ tests run `python dario.py proxy` as a child process with HTTPS_PROXY or upstrea
 
 import base64
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import traceback
 from urllib.parse import urlsplit
@@ -485,3 +488,14 @@ def test_gateway_goes_direct_when_no_proxy_or_direct_says_so(home, front, ca, ho
     code, body, _status = _exchange(gateway)
     assert code == 200, body
     assert front.handshakes > handshakes
+
+
+def test_an_unusable_ca_file_stops_start_up_with_exit_2(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.json").write_text(json.dumps({"upstream": {"caFile": str(tmp_path / "missing.pem")}}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DARIO_") and "proxy" not in k.lower()}
+    env["DARIO_HOME"] = str(home)
+    done = subprocess.run([sys.executable, "dario.py", "proxy", "--port=0", "--upstream=https://127.0.0.1:9"],
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "caFile" in done.stderr and "Traceback" not in done.stderr

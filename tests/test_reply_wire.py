@@ -204,3 +204,14 @@ def test_pipelined_requests_each_get_one_answer(gateway):
         assert client.response()[0] == 200
         assert client.response()[0] == 200
         assert not client.settle(idle=0.2) and client.buf == b""
+
+
+def test_the_in_flight_bounds_follow_a_reload(sim, home):
+    with running_gateway(make_settings(home, sim.url)) as gateway:
+        (home / "config.json").write_text(json.dumps({"maxBodyBytesInFlight": 1 << 20}))
+        gateway.resolver = lambda: make_settings(home, sim.url)
+        assert gateway.reload() == []
+        assert gateway.bodies.limit == 1 << 20
+        resp = requests.post(f"http://127.0.0.1:{gateway.port}/v1/messages", data=b"x" * (2 << 20),
+                             headers={"x-api-key": "k"})
+        assert resp.status_code == 503 and resp.headers["Retry-After"] == "1"
