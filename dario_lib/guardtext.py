@@ -141,7 +141,9 @@ def title(item):
         limit = "halt" if halted else "warn"
         return f"{window} utilization at {_percent(detail.get('value'))} ({limit} at {_percent(detail.get('threshold'))})"
     if reason in (STATUS_REJECTED, STATUS_WARNING):
-        return f"unified rate-limit status '{_text(detail.get('status'), '?')}'"
+        window = _text(detail.get("window"))
+        which = f"{window} rate-limit" if window else "unified rate-limit"
+        return f"{which} status '{_text(detail.get('status'), '?')}'"
     if reason in (BUDGET, BUDGET_WARNING):
         account = detail.get("budgetAccount")
         whom = "all accounts" if account in ("*", None) else f"account {account}"

@@ -157,7 +157,8 @@ def new_record(path, started_ms, account=None, session_id=None):
         "ttfbMs": None, "latencyMs": None,
         "claim": "unknown", "bucket": billing.UNKNOWN,
         "unifiedStatus": None, "util5h": None, "util7d": None, "overageUtil": None,
-        "overageStatus": None, "overageInUse": None,
+        "overageStatus": None, "overageInUse": None, "overageReset": None, "overageDisabledReason": None,
+        "fallback": None, "windows": {},
         "requestId": None, "outcome": "ok",
         "sessionId": session_id,
     }
@@ -179,7 +180,7 @@ class Exchange:
         self.reply = reply
         self.body = b""
         self.budgets = server.budgets           # the one this request reserves on, even across a reload
-        self.reservation = None
+        self.ticket = None                      # its budget reservation (budgets.Ticket), once granted
         self.worst_usd = 0.0                    # this request's worst-case cost
         self.sent = False                       # some of it may have reached the upstream
         self.guarded = request.path in guard_mod.BLOCKED_PATHS
@@ -198,10 +199,10 @@ class Exchange:
         """
         if not self.guarded:
             return True
-        halt = self.server.guard.check(self.record["account"])
-        if halt is None:
+        verdict = self.server.guard.admit(self.record["account"])
+        if verdict.response is None:
             return True
-        self._blocked(halt)
+        self._refuse(verdict.response)
         return False
 
     def refused(self, status):
@@ -214,10 +215,9 @@ class Exchange:
         try:
             self._run()
         finally:
-            if self.reservation is not None:    # never finished: release what it held
-                usd = self.worst_usd if self.sent else 0.0
-                self.budgets.settle(self.reservation, self.record["account"], usd, self.request_info())
-                self.reservation = None
+            if self.ticket is not None:         # never finished: release what it held
+                ticket, self.ticket = self.ticket, None
+                ticket.settle(self.record["account"], self.worst_usd if self.sent else 0.0, self.request_info())
 
     def _run(self):
         record = self.record
@@ -227,19 +227,14 @@ class Exchange:
             raise wire.HttpError(400, str(err)) from None
         record["model"], record["stream"] = model, stream
         if self.guarded:
+            # The halt check and the budget reservation, right before the send (one round
+            # trip to a team's Redis store).
             self.worst_usd = budgets.worst_case_usd(model, len(self.body), max_tokens)
-            halt = self.server.guard.check(record["account"])
-            if halt is not None:
-                self._blocked(halt)
+            verdict = self.server.guard.admit(record["account"], self.budgets, self.worst_usd)
+            if verdict.response is not None:
+                self._refuse(verdict.response)
                 return
-            if self.budgets.active:
-                reservation = self.budgets.reserve(record["account"], model, len(self.body), max_tokens)
-                if isinstance(reservation, budgets.Refusal):
-                    extra, body = reservation.response()
-                    self.finish(503, "halted")          # recorded before the client can see it
-                    self.reply.json(503, body, extra.items())
-                    return
-                self.reservation = reservation
+            self.ticket = verdict.ticket
         cancel = Cancel()
         watch = self.req.watch
         watch.watch(cancel.fire)                # a client that hangs up stops the exchange
@@ -266,8 +261,9 @@ class Exchange:
     def _target(self):
         return self.req.path + ("?" + self.req.query if self.req.query else "")
 
-    def _blocked(self, halt):
-        extra, body = self.server.guard.blocked_response(halt, int(self.server.clock() * 1000))
+    def _refuse(self, response):
+        """Answer the guard's 503 (a halt, a budget hold-back, the team store unavailable)."""
+        extra, body = response
         self.finish(503, "halted")              # recorded before the client can see it
         self.reply.json(503, body, extra.items())
 
@@ -419,6 +415,6 @@ class Exchange:
             record["usageEstimated"] = True
             record["costUsd"] = math.ceil(self.worst_usd * 1e6) / 1e6      # rounded up, never down
         record = self.server.store.add(record)
-        if self.reservation is not None:
-            reservation, self.reservation = self.reservation, None
-            self.budgets.settle(reservation, record["account"], record["costUsd"], self.request_info())
+        if self.ticket is not None:
+            ticket, self.ticket = self.ticket, None
+            ticket.settle(record["account"], record["costUsd"], self.request_info())
