@@ -9,8 +9,15 @@ so a new billing mode halts the gateway instead of slipping through.
 (`overage-in-use`, a rejected status with overage allowed) and names the first one it
 finds in `billingSignal`: that, not the bucket, is what the guard trips on.
 
+It also reads every rate-limit window the upstream reports, by the shape of the header
+name (`anthropic-ratelimit-unified-<window>-<field>`), so windows it has never heard of
+(`7d_oi`, ...) are kept too. `utilization()` and `statuses()` are how the guard reads a
+window's numbers by the names the config uses.
+
 Pure functions, no state: safe from any thread.
 """
+
+import re
 
 SUBSCRIPTION = "subscription"
 SUBSCRIPTION_FALLBACK = "subscription_fallback"
@@ -35,6 +42,26 @@ FALLBACK_CLAIMS = frozenset({"five_hour_fallback", "seven_day_fallback"})
 NON_SUBSCRIPTION = frozenset({EXTRA_USAGE, API, OTHER})
 
 HEADER_PREFIX = "anthropic-ratelimit-unified-"
+
+# Per-window headers: `<prefix><window>-<field>`. A window name is lowercase letters,
+# digits, `_` and `-`, at most 32 characters. None of the other unified headers
+# (`representative-claim`, `overage-in-use`, `fallback-percentage`,
+# `overage-disabled-reason`, ...) ends in `-<field>`, so none is read as a window.
+WINDOW_FIELDS = {"utilization": "utilization", "status": "status", "reset": "reset",
+                 "surpassed-threshold": "surpassedThreshold"}
+WINDOW_NAME = r"[a-z0-9][a-z0-9_-]{0,31}"
+_WINDOW_HEADER = re.compile(re.escape(HEADER_PREFIX) + f"({WINDOW_NAME})-({'|'.join(WINDOW_FIELDS)})")
+MAX_WINDOWS = 32            # a hostile upstream cannot grow a record past this
+# `overage` is shaped like a window (`overage-utilization`, `-status`, `-reset`) but is
+# the extra-usage pool, not a limit on the subscription: its status reads "rejected"
+# whenever extra usage is off. So it is kept out of `windows` (a guard on window
+# statuses would otherwise halt every account without extra usage) and read into the
+# record's `overage*` fields instead.
+OVERAGE_WINDOW = "overage"
+
+# Config names of the utilization readings kept since before windows were generic.
+UTIL_FIELDS = {"util5h": "util5h", "util7d": "util7d", "overageUtil": "overageUtil",
+               OVERAGE_WINDOW: "overageUtil"}
 
 
 def classify(claim, extra_subscription_claims=frozenset()):
@@ -142,6 +169,7 @@ def parse_ratelimit(headers, extra_subscription_claims=frozenset()):
         if allowed:
             signal, bucket = f"status=rejected+overage-status={allowed[0]}", EXTRA_USAGE
     claim = _bounded(claim)
+    windows = parse_windows(headers)
     return {
         "claim": claim if claim is not None else "unknown",
         "bucket": bucket,
@@ -154,4 +182,58 @@ def parse_ratelimit(headers, extra_subscription_claims=frozenset()):
         "overageInUse": True if True in in_use else False if False in in_use else None,
         "resetAt": _bounded(h("reset")) or None,
         "fallbackPercent": _fraction(h("fallback-percentage")),
+        "fallback": _bounded(h("fallback")) or None,
+        "overageReset": _bounded(h("overage-reset")) or None,
+        "overageDisabledReason": _bounded(h("overage-disabled-reason")) or None,
+        "windows": windows,
     }
+
+
+def parse_windows(headers):
+    """Every rate-limit window in the headers: {name: {utilization, status, reset,
+    surpassedThreshold}}, sorted by name, each field None when its header is absent.
+
+    Names are lowercased; at most MAX_WINDOWS windows (the first in header order), and a
+    header repeated keeps its first value, as the other unified headers do. `overage` is
+    not a window here (see OVERAGE_WINDOW).
+    """
+    found = {}
+    for name, value in headers.items():
+        # ASCII only: str.lower() folds some other letters into ASCII ones (KELVIN SIGN to k).
+        match = _WINDOW_HEADER.fullmatch(name.lower()) if name.isascii() else None
+        if match is None:
+            continue
+        window, header_field = match.groups()
+        if window == OVERAGE_WINDOW or (window not in found and len(found) >= MAX_WINDOWS):
+            continue
+        fields = found.setdefault(window, dict.fromkeys(WINDOW_FIELDS.values()))
+        key = WINDOW_FIELDS[header_field]
+        if fields[key] is None:
+            number = key in ("utilization", "surpassedThreshold")
+            fields[key] = _fraction(value) if number else _bounded(value) or None
+    return dict(sorted(found.items()))
+
+
+def utilization(rate, metric):
+    """The utilization reading a config name refers to, or None when the rate lacks it.
+
+    `metric` is one of today's record fields (`util5h`, `util7d`, `overageUtil`),
+    `overage` (the same as `overageUtil`), or any window name (`5h`, `7d_sonnet`).
+    """
+    if metric in UTIL_FIELDS:
+        return rate.get(UTIL_FIELDS[metric])
+    window = (rate.get("windows") or {}).get(metric)
+    return window.get("utilization") if isinstance(window, dict) else None
+
+
+def statuses(rate):
+    """[(metric, status)]: the unified status as ("unifiedStatus", status), always first
+    (None when absent), then each window's as (f"status:{window}", status) for the
+    windows that report one. `guards.unifiedStatus` applies to each of them; the metric
+    names the crossing, so each window warns or halts once per crossing on its own.
+    """
+    pairs = [("unifiedStatus", rate.get("unifiedStatus"))]
+    for window, fields in (rate.get("windows") or {}).items():
+        if isinstance(fields, dict) and fields.get("status") is not None:
+            pairs.append((f"status:{window}", fields["status"]))
+    return pairs

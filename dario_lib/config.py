@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from urllib.parse import urlsplit
 
-from . import proxy
+from . import billing, proxy
 from .files import write_atomic
 
 DEFAULT_UPSTREAM = "https://api.anthropic.com"
@@ -321,12 +321,19 @@ def _fraction(value):
     return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 <= value <= 1
 
 
+def _utilization_metric(name):
+    """Today's three names, or any rate-limit window name the upstream may report
+    (billing.WINDOW_NAME: `5h`, `7d_sonnet`, `overage`, one not seen yet)."""
+    return isinstance(name, str) and (name in UTIL_METRICS or re.fullmatch(billing.WINDOW_NAME, name))
+
+
 class Thresholds(JsonKind):
     allowed = ('an object like {"util5h": {"warn": 0.8, "halt": 0.95}} with fractions 0-1 '
-               f'(warn <= halt) for {", ".join(UTIL_METRICS)}')
+               f'(warn <= halt), keyed by {", ".join(UTIL_METRICS)} or a rate-limit window name '
+               'such as 5h, 7d, 7d_opus, 7d_sonnet (lowercase letters, digits, _ and -, up to 32)')
 
     def check(self, value):
-        if not isinstance(value, dict) or not set(value) <= set(UTIL_METRICS):
+        if not isinstance(value, dict) or not all(_utilization_metric(name) for name in value):
             raise ValueError(self.allowed)
         out = {}
         for metric, levels in value.items():
@@ -440,7 +447,7 @@ SCHEMA = (
     Key("overageGuard.scope", Enum("proxy", "account"), "proxy",
         "proxy: a trip halts all traffic; account: only the account whose traffic tripped"),
     Key("guards.utilization", Thresholds(), MappingProxyType({}),
-        "warn/halt thresholds for the 5h, 7d and overage utilization headers"),
+        "warn/halt thresholds per utilization reading: util5h, util7d, overageUtil or any window name"),
     Key("guards.unifiedStatus", StatusLevels(), MappingProxyType({"warn": frozenset(), "halt": frozenset()}),
         "unified rate-limit status values that warn or halt"),
     Key("guards.budgets", Budgets(), (), "spend budgets in USD per account and window"),

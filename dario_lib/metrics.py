@@ -1,7 +1,9 @@
 """`GET /metrics` in the Prometheus text format (version 0.0.4).
 
 Series: requests and tokens by model, account, bucket and outcome; guard state and
-trips by reason; spend by budget; the relay latency and time-to-first-byte histograms.
+trips by reason; spend by budget; the latest reading of every rate-limit window the
+upstream reported (utilization, reset time, status) and of extra usage; the relay
+latency and time-to-first-byte histograms.
 Label values are the record's own (bounded in number by the record store) and go
 through `inert.prom_label`: a model name from a request can neither break the format nor
 (with a lone surrogate) keep the body from encoding to UTF-8.
@@ -69,6 +71,46 @@ class _Out:
         self.sample(name + "_count", hist.count)
 
 
+def _epoch_seconds(text):
+    """A reset header's value as epoch seconds, or None when it is not a plain number."""
+    try:
+        number = float(text)
+    except (TypeError, ValueError):
+        return None
+    return number if 0 < number < 1e12 else None
+
+
+def _rate_limits(out, rate):
+    """The latest rate-limit readings (RecordStore.rate_copy()): one series per window."""
+    windows = rate.get("windows") or {}
+    if windows:
+        out.family("dario_window_utilization", "gauge",
+                   "Latest utilization of each rate-limit window the upstream reported (1 = full).")
+        for name, fields in windows.items():
+            if fields.get("utilization") is not None:
+                out.sample("dario_window_utilization", fields["utilization"], window=name)
+        out.family("dario_window_reset_timestamp_seconds", "gauge", "When each window resets (Unix time).")
+        for name, fields in windows.items():
+            reset = _epoch_seconds(fields.get("reset"))
+            if reset is not None:
+                out.sample("dario_window_reset_timestamp_seconds", reset, window=name)
+        out.family("dario_window_surpassed_threshold", "gauge",
+                   "The utilization threshold a window has surpassed, when the upstream says so.")
+        for name, fields in windows.items():
+            if fields.get("surpassedThreshold") is not None:
+                out.sample("dario_window_surpassed_threshold", fields["surpassedThreshold"], window=name)
+        out.family("dario_window_status", "gauge", "1 for each window's latest status (allowed, rejected, ...).")
+        for name, fields in windows.items():
+            if fields.get("status") is not None:
+                out.sample("dario_window_status", 1, window=name, status=fields["status"])
+    if rate.get("overageUtil") is not None:
+        out.family("dario_overage_utilization", "gauge", "Latest utilization of extra usage.")
+        out.sample("dario_overage_utilization", rate["overageUtil"])
+    if rate.get("overageDisabledReason"):
+        out.family("dario_overage_disabled", "gauge", "1 while the upstream says extra usage is disabled, and why.")
+        out.sample("dario_overage_disabled", 1, reason=rate["overageDisabledReason"])
+
+
 def render(server):
     out = _Out()
     series, latency, ttfb = server.store.metrics_copy()
@@ -122,6 +164,8 @@ def render(server):
         for b in budgets:
             out.sample("dario_budget_usd", b["usd"], account=b["account"], window=b["window"])
 
+    _rate_limits(out, server.store.rate_copy())
+
     out.family("dario_request_duration_seconds", "histogram", "Relay latency, request to last byte.")
     out.histogram("dario_request_duration_seconds", latency)
     out.family("dario_upstream_ttfb_seconds", "histogram", "Request arrival to upstream headers.")
@@ -130,4 +174,20 @@ def render(server):
     out.sample("dario_in_flight_requests", server.tracker.count)
     out.family("dario_open_connections", "gauge", "Open client connections.")
     out.sample("dario_open_connections", server.connections)
+    store_series(out, server)
     return "\n".join(out.lines) + "\n"
+
+
+def store_series(out, server):
+    """The team's Redis store (`store.url = redis://…`): up, errors, round trips. None
+    for the file store. Numbers are copies taken under the store's lock."""
+    team = getattr(server, "team", None)
+    if team is None:
+        return
+    numbers = team.metrics()
+    out.family("dario_store_up", "gauge", "1 while the team's Redis store answers.")
+    out.sample("dario_store_up", numbers["up"])
+    out.family("dario_store_errors_total", "counter", "Calls to the Redis store that failed or timed out.")
+    out.sample("dario_store_errors_total", numbers["errors"])
+    out.family("dario_store_roundtrip_seconds", "histogram", "Round trips to the Redis store.")
+    out.histogram("dario_store_roundtrip_seconds", numbers["roundtrip"])

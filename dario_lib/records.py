@@ -14,13 +14,17 @@ import json
 import logging
 import threading
 
-from . import pricing
+from . import billing, pricing
 from .metrics import Histogram
 
 log = logging.getLogger(__name__)
 
 OUTCOMES = ("ok", "upstream_error", "client_gone", "halted", "rejected")
 MAX_KEYS = 1000   # distinct models/accounts tracked before lumping into "(other)"
+# Rate-limit readings kept as their latest value seen (besides `windows`), for guard
+# headroom, `dario status` and /metrics.
+RATE_KEYS = ("util5h", "util7d", "overageUtil", "unifiedStatus", "overageStatus", "overageInUse",
+             "overageReset", "resetAt", "fallback", "fallbackPercent")
 
 
 def new_totals():
@@ -95,7 +99,7 @@ class RecordStore:
         self.per_model = {}
         self.per_account = {}
         self.last_claims = collections.deque(maxlen=10)
-        self.last_rate = {}              # the latest rate-limit readings, for guard headroom
+        self.last_rate = {}              # the latest rate-limit readings (_add_rate)
         self.series = {}                 # (model, account, bucket, outcome) -> counters, for /metrics
         self.latency = Histogram()
         self.ttfb = Histogram()
@@ -120,9 +124,7 @@ class RecordStore:
             self._add_keyed(self.per_model, record.get("model") or "unknown", record)
             self._add_keyed(self.per_account, record.get("account") or "anonymous", record)
             self._add_series(record)
-            for key in ("util5h", "util7d", "overageUtil", "unifiedStatus"):
-                if record.get(key) is not None:
-                    self.last_rate[key] = record[key]
+            self._add_rate(record)
             if record.get("claim") not in (None, "unknown"):
                 self.last_claims.append({"timestamp": record["timestamp"], "claim": record["claim"],
                                          "bucket": record.get("bucket")})
@@ -131,6 +133,43 @@ class RecordStore:
         if self._log is not None:
             self._log.write(record)
         return record
+
+    def _add_rate(self, record):
+        """Fold a record's rate-limit readings into `last_rate`: the latest of each value
+        seen, and of each window's fields, so a window some answers leave out (a
+        model-family one, say) still shows its last reading. At most MAX_WINDOWS windows:
+        a new one beyond that evicts the one updated longest ago."""
+        rate = self.last_rate
+        for key in RATE_KEYS:
+            if record.get(key) is not None:
+                rate[key] = record[key]
+        if record.get("unifiedStatus") is not None or record.get("windows"):
+            # An answer that carried unified headers speaks for the whole account: no
+            # disabled reason in it means extra usage is no longer disabled for one.
+            rate["overageDisabledReason"] = record.get("overageDisabledReason")
+        windows = rate.setdefault("windows", {})
+        for name, fields in (record.get("windows") or {}).items():
+            if not isinstance(fields, dict):
+                continue
+            seen = windows.pop(name, None)
+            if seen is None:
+                if len(windows) >= billing.MAX_WINDOWS:
+                    windows.pop(next(iter(windows)))
+                seen = dict.fromkeys(billing.WINDOW_FIELDS.values())
+            seen.update((k, v) for k, v in fields.items() if k in seen and v is not None)
+            windows[name] = seen            # last in order: updated most recently
+
+    def _rate_copy(self):
+        """`last_rate` copied deep enough that a reader outside the lock sees no change."""
+        copy = dict(self.last_rate)
+        if "windows" in copy:
+            copy["windows"] = {name: dict(fields) for name, fields in sorted(copy["windows"].items())}
+        return copy
+
+    def rate_copy(self):
+        """The latest rate-limit readings (for /metrics), taken under the lock."""
+        with self._lock:
+            return self._rate_copy()
 
     def _add_series(self, record):
         key = (record.get("model") or "unknown", record.get("account") or "anonymous",
@@ -189,7 +228,7 @@ class RecordStore:
                 "requests": self.totals["requests"],
                 "outcomes": dict(self.outcomes),
                 "lastClaims": list(self.last_claims),
-                "lastRate": dict(self.last_rate),
+                "lastRate": self._rate_copy(),
             }
 
     def totals_copy(self):

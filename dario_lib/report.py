@@ -64,4 +64,58 @@ def status_text(status, now=None, command=guardtext.DEFAULT_COMMAND):
     claims = status.get("lastClaims") or []
     if claims:
         lines.append("last claims: " + ", ".join(f"{c['claim']} ({c['bucket']})" for c in claims[-5:]))
+    lines += rate_limit_lines(status.get("lastRate"), now_ms)
     return "\n".join(inert.terminal(line) for line in lines)
+
+
+def _reset(text, now_ms):
+    """A reset header's value (epoch seconds) as "resets <ISO> (in 3h 05m)"; other text as it is."""
+    try:
+        seconds = float(text)
+    except (TypeError, ValueError):
+        return f"resets {text}" if isinstance(text, str) and text else ""
+    stamp = guardtext.iso(seconds * 1000)
+    if stamp == "?":
+        return f"resets {text}"
+    left = seconds - now_ms / 1000
+    return f"resets {stamp} " + (f"(in {duration(left)})" if left > 0 else "(passed)")
+
+
+def _percent(value):
+    return f"{value:.0%}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "?"
+
+
+def rate_limit_lines(rate, now_ms):
+    """The latest reading of every rate-limit window, and of extra usage, as lines."""
+    rate = rate if isinstance(rate, dict) else {}
+    windows = rate.get("windows") if isinstance(rate.get("windows"), dict) else {}
+    lines = []
+    if windows:
+        lines.append("rate-limit windows (latest reading):")
+        width = max(len(str(name)) for name in windows)
+        for name, fields in windows.items():
+            fields = fields if isinstance(fields, dict) else {}
+            parts = [f"{_percent(fields.get('utilization')):>4}"]
+            if fields.get("status"):
+                parts.append(str(fields["status"]))
+            if fields.get("surpassedThreshold") is not None:
+                parts.append(f"over {_percent(fields['surpassedThreshold'])}")
+            reset = _reset(fields.get("reset"), now_ms)
+            if reset:
+                parts.append(reset)
+            lines.append(f"  {str(name):<{width}}  " + ", ".join(parts))
+    overage = []
+    if rate.get("overageUtil") is not None:
+        overage.append(_percent(rate["overageUtil"]))
+    if rate.get("overageStatus"):
+        overage.append(f"status {rate['overageStatus']}")
+    if rate.get("overageInUse"):
+        overage.append("in use")
+    if rate.get("overageDisabledReason"):
+        overage.append(f"disabled: {rate['overageDisabledReason']}")
+    reset = _reset(rate.get("overageReset"), now_ms)
+    if reset:
+        overage.append(reset)
+    if overage:
+        lines.append("extra usage: " + ", ".join(overage))
+    return lines

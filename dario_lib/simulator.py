@@ -32,6 +32,7 @@ import dataclasses
 import gzip
 import json
 import logging
+import re
 import select
 import signal
 import socket
@@ -57,6 +58,8 @@ KNOBS = (
     ("overage_util", "0.0", "anthropic-ratelimit-unified-overage-utilization"),
     ("overage_status", "rejected", "anthropic-ratelimit-unified-overage-status"),
     ("overage_in_use", "false", "anthropic-ratelimit-unified-overage-in-use"),
+    ("windows", "{}", 'more rate-limit headers: a JSON object {window: {field: value}} (see "rate-limit '
+                      'windows" below)'),
     # Content.
     ("events", 3, "text deltas per response (at most as many for a tool call); "
                   "output_tokens is twice this"),
@@ -171,6 +174,8 @@ def _coerce(knob, value):
         return number
     if knob == "tool_input":
         return _tool_input(value)
+    if knob == "windows":
+        return _windows(value)
     text = str(value).strip()
     if "\r" in text or "\n" in text:  # these values end up in response headers
         raise ValueError(f"knob {knob} must be one line")
@@ -189,6 +194,32 @@ def _tool_input(value):
     if not isinstance(parsed, dict):
         raise ValueError(f"knob tool_input wants a JSON object, not {value!r}")
     return _dumps(parsed)
+
+
+_HEADER_PART = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _windows(value):
+    """The knob windows as compact JSON text: {window: {field: value}}, from a dict or its
+    JSON text. Names are header-name tokens and values one line: they become headers."""
+    parsed = value
+    if not isinstance(value, dict):
+        with contextlib.suppress(ValueError):  # not JSON: refused below like any non-object
+            parsed = json.loads(str(value))
+    wanted = 'a JSON object like {"7d_sonnet": {"utilization": "0.5", "status": "allowed"}}'
+    if not isinstance(parsed, dict):
+        raise ValueError(f"knob windows wants {wanted}, not {value!r}")
+    out = {}
+    for window, fields in parsed.items():
+        if not _HEADER_PART.fullmatch(window) or not isinstance(fields, dict):
+            raise ValueError(f"knob windows wants {wanted}, not {value!r}")
+        out[window] = {}
+        for field, text in fields.items():
+            if (not _HEADER_PART.fullmatch(field) or isinstance(text, bool)
+                    or not isinstance(text, (str, int, float)) or re.search(r"[\r\n]", str(text))):
+                raise ValueError(f"knob windows wants {wanted}, not {value!r}")
+            out[window][field] = str(text)
+    return _dumps(out)
 
 
 def _merged(base, updates):
@@ -726,6 +757,10 @@ class _Handler(BaseHTTPRequestHandler):
                 f"{prefix}overage-in-use: {knobs['overage_in_use']}\r\n"
                 f"{prefix}reset: {int(time.time()) + 3600}\r\n"
                 f"{prefix}fallback-percentage: 0.5\r\n")
+            if knobs["windows"] != "{}":
+                head += "".join(f"{prefix}{window}-{field}: {text}\r\n"
+                                for window, fields in json.loads(knobs["windows"]).items()
+                                for field, text in fields.items())
         return (head + "\r\n").encode("latin-1")
 
     def _fail(self, fail):
@@ -851,6 +886,14 @@ def _help_epilog():
         "      with that input, stop_reason \"tool_use\", streamed or not",
         "  a request whose last turn carries a tool_result block is answered with text",
         "      quoting the first 200 characters of that result, with or without the headers",
+        "",
+        "rate-limit windows:",
+        "  x-sim-windows: {\"7d_sonnet\": {\"utilization\": \"0.5\", \"status\": \"allowed\", \"reset\": \"1790000000\"}}",
+        "      adds anthropic-ratelimit-unified-7d_sonnet-utilization: 0.5, ...-7d_sonnet-status:",
+        "      allowed and ...-7d_sonnet-reset: 1790000000 to the answer (not with claim \"none\").",
+        "      Any window and field name (letters, digits, _ and -) goes, so {\"overage\":",
+        "      {\"disabled-reason\": \"out_of_credits\"}} sends ...-overage-disabled-reason; the 5h",
+        "      and 7d utilization headers come from util5h and util7d",
         "",
         "control endpoints (never recorded as requests):",
         "  POST /_sim/defaults          merge a JSON object of knobs into the defaults;",

@@ -165,3 +165,29 @@ def test_sanitize_keeps_only_valid_values(raw):
         key = config.SCHEMA_BY_NAME[name]
         assert key.kind.check(config._plain(value, key.kind)) == value
     config.resolve({}, {"DARIO_HOME": "/nonexistent"}, config.FileConfig("x", "file", nested, values))
+
+
+# -- guards.utilization: any rate-limit window (issue 14) ------------------------------
+
+def test_utilization_thresholds_accept_any_window_name(tmp_path):
+    write(tmp_path, {"guards": {"utilization": {"7d_sonnet": {"warn": 0.8, "halt": 0.95}, "util5h": {"halt": 0.9},
+                                                "5h": {"warn": 0.5}, "overage": {"halt": 0.1},
+                                                "some-future_window2": {"warn": 0.7}}}})
+    settings = config.resolve({}, {"DARIO_HOME": str(tmp_path)})
+    assert settings.warnings == ()
+    assert dict(settings.guard.utilization) == {"7d_sonnet": (0.8, 0.95), "util5h": (None, 0.9), "5h": (0.5, None),
+                                                "overage": (None, 0.1), "some-future_window2": (0.7, None)}
+    assert settings.guard.guards()["utilization"]["7d_sonnet"] == {"warn": 0.8, "halt": 0.95}
+    assert config.parse_value("guards.utilization", '{"7d_oi": {"halt": 1}}') == {"7d_oi": (None, 1)}
+
+
+@pytest.mark.parametrize("name", ["7D_sonnet", "7d sonnet", "7d.opus", "_7d", "-7d", "", "a" * 33, "status:5h",
+                                  "Util5h"])
+def test_utilization_thresholds_refuse_a_name_no_window_can_have(tmp_path, name):
+    write(tmp_path, {"guards": {"utilization": {name: {"halt": 0.9}}}})
+    settings = config.resolve({}, {"DARIO_HOME": str(tmp_path)})
+    assert dict(settings.guard.utilization) == {}
+    assert len(settings.warnings) == 1
+    assert "guards.utilization" in settings.warnings[0] and "window name such as 5h, 7d" in settings.warnings[0]
+    with pytest.raises(config.ConfigError, match="util5h, util7d, overageUtil or a rate-limit window name"):
+        config.parse_value("guards.utilization", json.dumps({name: {"halt": 0.9}}))

@@ -67,3 +67,27 @@ def test_metrics_need_the_key(sim, home):
         base = f"http://127.0.0.1:{gateway.port}"
         assert requests.get(base + "/metrics").status_code == 401
         assert requests.get(base + "/metrics", headers={"x-dario-api-key": "k"}).status_code == 200
+
+
+def test_window_series_from_hostile_header_text_parse_back(sim, home):
+    """A window's status is upstream text: quotes and backslashes in it stay inside its label."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status = 'rej"ected\\ {x="1"}'
+    windows = {"7d_sonnet": {"utilization": "0.5", "status": status, "reset": "1790000000"},
+               "overage": {"disabled-reason": 'no "credits"'}}
+    with running_gateway(make_settings(home, sim.url)) as gateway:
+        base = f"http://127.0.0.1:{gateway.port}"
+        requests.post(base + "/v1/messages", json={"model": "claude-opus-4-5"},
+                      headers={"x-api-key": "k", "x-sim-windows": json.dumps(windows)})
+        assert wait_until(lambda: gateway.store.summary()["requests"] == 1)
+        text = requests.get(base + "/metrics").text
+    samples, types = parse(text)
+    assert types["dario_window_utilization"] == "gauge"
+    assert find(samples, "dario_window_utilization", window="7d_sonnet") == [0.5]
+    assert find(samples, "dario_window_status", window="7d_sonnet", status=status) == [1]
+    parsed = {(s.name, tuple(sorted(s.labels.items()))): s.value
+              for family in text_string_to_metric_families(text) for s in family.samples}
+    assert parsed[("dario_window_status", (("status", status), ("window", "7d_sonnet")))] == 1
+    assert parsed[("dario_window_reset_timestamp_seconds", (("window", "7d_sonnet"),))] == 1790000000
+    assert parsed[("dario_overage_disabled", (("reason", 'no "credits"'),))] == 1
