@@ -31,7 +31,7 @@ setup(
     py_modules=["dario"],
     packages=["dario_lib"],
     python_requires=">=3.10",
-    install_requires=["requests>=2.28", "urllib3>=2.0"],
+    install_requires=["requests>=2.28", "urllib3>=1.26"],
     # `redis`: the Redis store a team of gateways shares (store.url = redis://...).
     extras_require={"test": ["pytest", "hypothesis", "anthropic", "openai"], "redis": ["redis>=5.0"]},
     # main() returns the exit status; the generated script calls sys.exit(main()).

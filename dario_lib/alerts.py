@@ -8,6 +8,8 @@ named daemon thread delivers it, so a request thread never waits on a slow recei
   success. It runs with `notify.child_env()`: none of dario's secrets in its environment.
 - `notifyWebhook` receives the event JSON by POST through its own `requests` session
   (not the upstream one), with a short timeout and a few retries; any 2xx is success.
+  `requests` is imported only when the first webhook is posted: importing it (and
+  certifi, charset_normalizer, idna) is most of what a gateway's start-up would cost.
 
 The event JSON is ASCII and valid for a strict parser: lone surrogates that came in a
 request (a model name, say) become U+FFFD first (`inert.json_safe`).
@@ -24,8 +26,6 @@ import queue
 import subprocess
 import threading
 import time
-
-import requests
 
 from . import __version__, inert
 from .notify import child_env
@@ -114,6 +114,7 @@ class Alerts:
         return True, "exit 0"
 
     def _post_webhook(self, payload):
+        import requests                 # lazy: see the module docstring
         if self._session is None:
             session = requests.Session()
             session.trust_env = False

@@ -1,4 +1,5 @@
-"""A small HTTP client for the running gateway: what `resume`, `status` and the TUI use.
+"""A small HTTP client for the running gateway: what `resume`, `status`, `config set` and
+the TUI use.
 
 Stdlib only (`http.client`), always to the loopback address, sending `DARIO_API_KEY`
 as `x-dario-api-key` when it is set. Failures come back as two exceptions: the gateway
@@ -73,6 +74,16 @@ class Client:
 
     def resume(self):
         return self.json("POST", "/admin/resume", {})
+
+    def config(self):
+        """GET /admin/config: the gateway's own config file and the values in force."""
+        return self.json("GET", "/admin/config")
+
+    def set_config(self, changes):
+        """PUT /admin/config: validate, save and apply {dotted name: value} on the
+        gateway (a string value is parsed as `config set` parses text; None removes the
+        setting from the file). Returns the new state; GatewayError names a rejected value."""
+        return self.json("PUT", "/admin/config", {"set": changes})
 
     def events(self, timeout=60):
         """Yield (event name, data) from /analytics/stream until it ends.

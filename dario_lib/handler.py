@@ -2,8 +2,9 @@
 
 Every request goes through the same gate, in this order: request-target form, Host
 (DNS rebinding), browser origin, API key; then the route table. The gateway's own
-endpoints (`/health`, `/status`, `/analytics`, `/analytics/stream`, `/admin/resume`)
-are answered here; the forwarded API routes go to `relay.Exchange`.
+endpoints (`/health`, `/status`, `/analytics`, `/analytics/stream`, `/admin/resume`,
+`/admin/config`, whose logic lives in `admin_config`) are answered here; the forwarded
+API routes go to `relay.Exchange`.
 
 Every response goes out through the request's `reply.Reply`, which owns the head, the
 framing and whether the connection closes (answering before a request's whole body was
@@ -25,7 +26,7 @@ import socket
 import time
 from http.server import BaseHTTPRequestHandler
 
-from . import __version__, analytics, exposure, headers, metrics, relay, wire
+from . import __version__, admin_config, analytics, exposure, headers, metrics, relay, wire
 from .events import Subscription, TooManySubscribers
 from .guard import ALL, iso
 from .reply import Reply
@@ -57,6 +58,8 @@ LOCAL = {
     ("GET", "/analytics/stream"): "analytics_stream",
     ("GET", "/admin/resume"): "resume_state",
     ("POST", "/admin/resume"): "resume",
+    ("GET", "/admin/config"): "config_state",
+    ("PUT", "/admin/config"): "config_update",
     ("GET", "/metrics"): "metrics",
 }
 LOCAL_PATHS = {path for _, path in LOCAL}
@@ -307,7 +310,7 @@ class Handler(BaseHTTPRequestHandler):
         if origin is None:
             raise wire.HttpError(403, "preflight refused: origin not allowed")
         requested = self.headers.get("Access-Control-Request-Headers", "")
-        headers = [("Access-Control-Allow-Methods", "GET, POST, OPTIONS"), ("Access-Control-Max-Age", "600")]
+        headers = [("Access-Control-Allow-Methods", "GET, POST, PUT, OPTIONS"), ("Access-Control-Max-Age", "600")]
         if requested and "\r" not in requested and "\n" not in requested:
             headers.append(("Access-Control-Allow-Headers", requested[:1000]))
         self.reply.send(204, headers=headers)
@@ -345,21 +348,32 @@ class Handler(BaseHTTPRequestHandler):
         self.reply.json(200, {"halted": bool(halts), "state": halts[0].public() if halts else None,
                               "halts": [halt.public() for halt in halts], "config": guard.config.public()})
 
-    def do_resume(self):
+    def _admin_body(self, what, usage):
+        """The JSON body of an admin request: Content-Type, size and parse checked."""
         content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
         if content_type != "application/json":
-            raise wire.HttpError(415, "POST /admin/resume needs Content-Type: application/json")
+            raise wire.HttpError(415, f"{what} needs Content-Type: application/json")
         body = self.read_body(wire.body_framing(self.headers, ADMIN_BODY_LIMIT), ADMIN_BODY_LIMIT)
         try:
-            request = json.loads(body) if body.strip() else {}
+            return json.loads(body) if body.strip() else {}
         except (ValueError, RecursionError):    # a hostile body can nest deeper than the parser
-            raise wire.HttpError(400, "POST /admin/resume takes a JSON object, e.g. {} or "
-                                      '{"account": "LABEL"}') from None
+            raise wire.HttpError(400, f"{what} takes {usage}") from None
+
+    def do_resume(self):
+        request = self._admin_body("POST /admin/resume", 'a JSON object, e.g. {} or {"account": "LABEL"}')
         account = request.get("account") if isinstance(request, dict) else None
         if account is not None and not isinstance(account, str):
             raise wire.HttpError(400, '"account" must be an account label')
         was_halted, resumed_at = self.server.guard.clear("manual", ALL if account is None else account)
         self.reply.json(200, {"ok": True, "wasHalted": was_halted, "resumedAt": iso(resumed_at)})
+
+    def do_config_state(self):
+        self.reply.json(200, admin_config.state(self.server))
+
+    def do_config_update(self):
+        request = self._admin_body("PUT /admin/config",
+                                   'a JSON object, e.g. {"set": {"overageGuard.behavior": "warn"}}')
+        self.reply.json(200, admin_config.update(self.server, admin_config.parse_request(request)))
 
     def do_analytics_stream(self):
         server = self.server

@@ -3,9 +3,14 @@
 Tabs Status, Config, Analytics and Hits over one `tui_feed.Feed`, which does all network
 I/O on its own threads. Threading contract: everything in this module runs on the UI
 thread. Each frame renders from `feed.view()`, a snapshot, so drawing never waits on the
-network; keys that need the gateway (`R`, `r`) only ask the feed to act. The Config tab
-reads and writes the config file directly, through `config` (validated on entry, saved
-atomically), never through the gateway.
+network; keys that need the gateway (`R`, `r`, `s`) only ask the feed to act. `R` asks
+for confirmation first (`y` resumes, any other key cancels).
+
+The Config tab edits the gateway's own configuration through `GET/PUT /admin/config`
+(the feed fetches and saves; values are validated here on entry with `config`, as
+`dario config set` validates them, and again by the gateway), so `s` saves the file of
+the gateway this TUI watches and applies it at once, whatever `$DARIO_HOME` this
+process has. With no gateway there is nothing to edit: the tab says so.
 
 Nothing is printed while curses owns the terminal; an error that stops the TUI is one
 line on stderr after the terminal is restored. `curses` is imported only here and in
@@ -29,7 +34,7 @@ log = logging.getLogger(__name__)
 
 TICK_MS = 250                   # a frame at least this often: countdowns stay live
 STATUS, CONFIG, ANALYTICS, HITS = range(4)
-HINTS = {STATUS: "R resume  r refresh  q quit", CONFIG: "Enter edit  s save  q quit",
+HINTS = {STATUS: "R resume  r refresh  q quit", CONFIG: "Enter edit  s save+apply  q quit",
          ANALYTICS: "t requests/tokens  q quit", HITS: "Enter details  g newest  q quit"}
 
 
@@ -38,30 +43,66 @@ class Prompt:
     text: str
     error: str = None
     fresh: bool = True          # still the value it opened with: typing replaces it
+    initial: str = None          # the text it opened with (set from `text`)
+
+    def __post_init__(self):
+        if self.initial is None:
+            self.initial = self.text
 
 
 class ConfigEditor:
-    """The Config tab's state: the file as last read, edits not yet saved, the open prompt."""
+    """The Config tab's state: the gateway's config as last fetched (`state`, the
+    /admin/config answer the View carries), edits not yet saved, the open prompt, and
+    the save in flight. UI thread only; `send(changes) -> seq` hands a save to the feed."""
 
-    def __init__(self, path):
-        self.path = path
+    def __init__(self, send=None):
+        self.send = send
         self.selected = 0
         self.pending = {}           # dotted name -> validated value, until `s`
         self.prompt = None
         self.message = None         # (text, style) under the list
-        self.reload()
+        self.state = None           # GET/PUT /admin/config answer, None while unknown
+        self.error = None           # why there is no state
+        self.saving = None          # seq of the save in flight
+        self.sent = {}              # what it sent
 
     @property
     def name(self):
         return config.SCHEMA[self.selected].name
 
-    def reload(self):
-        self.file = config.load_file(self.path)
+    def sync(self, view):
+        """Take the latest config and save outcome from a View."""
+        self.state, self.error = view.config, view.config_error
+        saved = view.saved
+        if self.saving is None or saved is None or saved.seq != self.saving:
+            return
+        self.saving = None
+        if saved.ok:
+            for name, value in self.sent.items():
+                if name in self.pending and as_json(name, self.pending[name]) == as_json(name, value):
+                    del self.pending[name]
+            self.message = saved_text(saved.answer, list(self.sent))
+        else:
+            self.message = (saved.text, "bad")
+        self.sent = {}
 
     def value(self, name):
+        """The value shown for a setting (credentials masked): the edit, else the one in force."""
         if name in self.pending:
-            return as_json(name, self.pending[name])
-        return config.current_value(self.file, name)
+            return config.public_value(name, self.pending[name])
+        return (self.state or {}).get("effective", {}).get(name)
+
+    def origin(self, name):
+        """Where the shown value comes from, when that is worth a note."""
+        if name in self.pending or self.state is None:
+            return ""
+        notes = []
+        source = (self.state.get("sources") or {}).get(name)
+        if source in ("default", "flag", "env"):
+            notes.append(source)
+        if name in (self.state.get("pending") or ()):
+            notes.append("saved: applies at restart")
+        return f"  ({', '.join(notes)})" if notes else ""
 
     def move(self, delta):
         self.selected = min(max(self.selected + delta, 0), len(config.SCHEMA) - 1)
@@ -69,6 +110,9 @@ class ConfigEditor:
 
     def edit(self):
         """Enter on a key: booleans toggle, everything else opens a prompt."""
+        if self.state is None:
+            self.message = ("nothing to edit: " + (self.error or "no gateway yet"), "bad")
+            return
         value = self.value(self.name)
         if isinstance(value, bool):
             self._apply(self.name, not value)
@@ -76,7 +120,12 @@ class ConfigEditor:
             self.prompt = Prompt(edit_text(self.name, value))
 
     def submit(self):
-        """Enter in the prompt: parse and validate now; a rejected value is not applied."""
+        """Enter in the prompt: parse and validate now; a rejected value is not applied.
+        An untouched prompt changes nothing (a masked credential stays what it was)."""
+        if self.prompt.text == self.prompt.initial:
+            self.prompt = None
+            self.message = (f"{self.name} unchanged", "normal")
+            return
         try:
             value = config.parse_value(self.name, self.prompt.text)
         except config.ConfigError as err:
@@ -86,33 +135,44 @@ class ConfigEditor:
         self._apply(self.name, value)
 
     def _apply(self, name, value):
-        if as_json(name, value) == config.current_value(self.file, name):
-            self.pending.pop(name, None)
+        if as_json(name, value) == (self.state or {}).get("effective", {}).get(name):
+            self.pending.pop(name, None)        # back to the value in force
         else:
             self.pending[name] = value
-        self.message = (f"{name} = {tui_draw.value_text(as_json(name, value))}"
-                        + (" (not saved yet: s saves)" if self.pending else ""), "warn" if self.pending else "normal")
+        self.message = (f"{name} = {tui_draw.value_text(config.public_value(name, value))}"
+                        + (" (not saved yet: s saves and applies)" if self.pending else ""),
+                        "warn" if self.pending else "normal")
 
     def save(self):
-        if not self.pending:
+        if self.saving is not None:
+            self.message = ("still saving the last changes...", "normal")
+        elif not self.pending:
             self.message = ("nothing to save", "normal")
-            return
-        fresh = config.load_file(self.path)     # keep what others changed in the meantime
-        if fresh.source == "invalid":
-            self.file = fresh
-            self.message = (f"not saving: {self.path} is not valid JSON; fix or remove it first", "bad")
-            return
-        raw = fresh.raw
-        for name, value in self.pending.items():
-            raw = config.with_value(raw, name, value)
-        try:
-            config.save_file(self.path, raw)
-        except OSError as err:
-            self.message = (f"cannot write {self.path}: {err.strerror or err}", "bad")
-            return
-        self.pending = {}
-        self.reload()
-        self.message = (f"saved to {self.path} (restart the gateway or send SIGHUP to apply)", "good")
+        elif self.state is None:
+            self.message = ("cannot save: " + (self.error or "no gateway yet"), "bad")
+        elif self.state.get("source") == "invalid":
+            self.message = (f"not saving: {self.state.get('path')} is not valid JSON; fix or remove it first",
+                            "bad")
+        else:
+            self.sent = dict(self.pending)
+            self.saving = self.send({name: as_json(name, value) for name, value in self.sent.items()})
+            self.message = ("saving through the gateway...", "normal")
+
+
+def saved_text(answer, names):
+    """(text, style) for a save the gateway took: where, and what is not in force yet."""
+    text = f"saved to {answer.get('path')} and applied"
+    style = "good"
+    later = [name for name in names if name in (answer.get("pending") or ())]
+    if later:
+        text += f"; {', '.join(later)}: the gateway applies at its next restart"
+        style = "warn"
+    overridden = answer.get("overridden") or {}
+    if overridden:
+        text += "; " + ", ".join(f"{name} stays as its {'flag' if source == 'flag' else 'environment'} sets it"
+                                 for name, source in overridden.items())
+        style = "warn"
+    return text, style
 
 
 def as_json(name, value):
@@ -137,12 +197,13 @@ def edit_text(name, value):
 
 
 class App:
-    def __init__(self, feed, config_path, clock=time.time):
+    def __init__(self, feed, clock=time.time):
         self.feed = feed
         self.clock = clock
         self.tab = STATUS
-        self.editor = ConfigEditor(config_path)
+        self.editor = ConfigEditor(feed.save_config)
         self.help = False
+        self.confirm = False        # `R` asked: the next key decides
         self.details = None         # (record, scroll) while the details view is open
         self.selected_hit = None    # key of the selected Hits row; None follows the newest
         self.by_tokens = False
@@ -156,6 +217,14 @@ class App:
         if self.help:
             self.help = False
             return
+        if self.confirm:
+            self.confirm = False
+            if key == "y":
+                self.feed.resume()
+                self.feed.notify("resuming...", "info")
+            else:
+                self.feed.notify("resume cancelled", "info")
+            return
         if self.tab == CONFIG and self.editor.prompt is not None:
             self._prompt_key(key)
             return
@@ -168,29 +237,30 @@ class App:
         if name == "q":
             if self.editor.pending and not self.quit_armed:
                 self.quit_armed = True
-                self.tab = CONFIG
+                self._show(CONFIG)
                 self.editor.message = ("unsaved changes: s saves them, q again quits without saving", "bad")
             else:
                 self.done = True
         elif name == "?":
             self.help = True
         elif name in ("tab", "btab"):
-            self.tab = (self.tab + (1 if name == "tab" else -1)) % len(tui_draw.TABS)
+            self._show((self.tab + (1 if name == "tab" else -1)) % len(tui_draw.TABS))
         elif name in ("1", "2", "3", "4"):
-            self.tab = int(name) - 1
+            self._show(int(name) - 1)
         elif name == "R":
-            self.feed.resume()
-            self.feed.notify("resuming...", "info")
+            self.confirm = True
         elif name == "r":
             self.feed.refresh()
-            if self.tab == CONFIG:
-                self.editor.reload()
         elif self.tab == CONFIG:
             self._config_key(name)
         elif self.tab == ANALYTICS and name == "t":
             self.by_tokens = not self.by_tokens
         elif self.tab == HITS:
             self._hits_key(name, view)
+
+    def _show(self, tab):
+        self.tab = tab
+        self.feed.watch_config(tab == CONFIG)
 
     def _config_key(self, name):
         moves = {"up": -1, "k": -1, "down": 1, "j": 1, "pgup": -10, "pgdn": 10, "home": -99, "end": 99}
@@ -257,6 +327,7 @@ class App:
             if view.halted:
                 p.put(1, 0, "HALTED", "banner")
             return
+        self.editor.sync(view)
         tui_draw.draw_tabs(p, self.tab, view)
         try:
             self._draw_tab(p, view, now)
@@ -270,6 +341,8 @@ class App:
         if self.details is not None:
             record, scroll = self.details
             self.details = (record, tui_draw.draw_details(p, record, scroll))
+        if self.confirm:
+            tui_draw.draw_confirm(p, view)
         if self.help:
             tui_draw.draw_help(p)
 
@@ -277,9 +350,9 @@ class App:
         if self.tab == STATUS:
             tui_tabs.draw_status(p, 2, view, now)
         elif self.tab == CONFIG:
-            tui_tabs.draw_config(p, 2, self.editor)
+            tui_tabs.draw_config(p, 2, self.editor, view.port)
         elif self.tab == ANALYTICS:
-            tui_tabs.draw_analytics(p, 2, view, self.by_tokens)
+            tui_tabs.draw_analytics(p, 2, view, self.by_tokens, now)
         else:
             tui_tabs.draw_hits(p, 2, view, self._hit_index(view.hits), now)
 
@@ -354,7 +427,7 @@ def run_tui(port, api_key=None, clock=time.time):
     except locale.Error:
         pass                                    # a broken LANG: ASCII fallbacks are used
     feed = Feed(Client(port, api_key=api_key, timeout=3), clock=clock).start()
-    app = App(feed, config.config_path(os.environ), clock=clock)
+    app = App(feed, clock=clock)
     try:
         curses.wrapper(lambda stdscr: app.run(stdscr, use_color()))
     except KeyboardInterrupt:

@@ -9,10 +9,11 @@ claims, account labels, error bodies) cannot move the cursor or change colours.
 """
 
 import curses
+import datetime
 import json
 import time
 
-from . import inert
+from . import guardtext, inert
 from .billing import NON_SUBSCRIPTION
 from .report import duration
 
@@ -210,12 +211,13 @@ HELP_LINES = [
     "Tab / Shift-Tab    next / previous tab",
     "1 2 3 4            Status, Config, Analytics, Hits",
     "r                  refresh now",
-    "R                  resume the gateway after an overage halt",
+    "R                  resume the gateway after a halt (y confirms)",
     "q                  quit",
     "?                  this help (any key closes it)",
     "",
-    "Config     Up/Down or j/k select, Enter edits (booleans toggle),",
-    "           s saves, r re-reads the file, Esc cancels an edit",
+    "Config     the gateway's own config: Up/Down or j/k select, Enter",
+    "           edits (booleans toggle), Esc cancels an edit, s saves and",
+    "           applies through the gateway, r fetches it again",
     "Analytics  t shows per-model bars by requests or by tokens",
     "Hits       Up/Down or j/k select, Enter shows details,",
     "           Esc or Enter closes them, g jumps to the newest",
@@ -228,11 +230,31 @@ def draw_help(p):
     draw_box(p, HELP_LINES, "keys")
 
 
+def draw_confirm(p, view):
+    """The question `R` asks before resuming."""
+    if view.halted:
+        first = f"Resume the gateway? Halted: {guardtext.title(view.halt)}."
+    else:
+        first = "Resume the gateway? (it is not halted now)"
+    draw_box(p, [first, "New requests are forwarded upstream again.", "",
+                 "y resumes; any other key cancels"], "resume", {0: "bold", 3: "bold"})
+
+
+def iso_time(ms):
+    """Epoch milliseconds as a local ISO 8601 time with its UTC offset."""
+    return datetime.datetime.fromtimestamp(ms / 1000).astimezone().isoformat(timespec="milliseconds")
+
+
+def _is_time(name, value):
+    """A record field that holds epoch milliseconds (timestamp, since, ...At, ...Until)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and 1e12 <= value < 1e14
+            and (name in ("timestamp", "since") or name.endswith(("At", "Until"))))
+
+
 def detail_lines(record):
-    lines = [f"{name:<18} {value_text(value)}" for name, value in record.items()]
-    if isinstance(record.get("timestamp"), (int, float)):
-        lines.insert(0, f"{'time':<18} {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(record['timestamp'] / 1000))}")
-    return lines
+    """One line per field; times in ISO 8601 with the raw value after them."""
+    return [f"{name:<18} {iso_time(value)} ({value})" if _is_time(name, value) else f"{name:<18} {value_text(value)}"
+            for name, value in record.items()]
 
 
 def draw_details(p, record, scroll):

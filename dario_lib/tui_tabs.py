@@ -5,7 +5,9 @@ the UI state the caller passes in. Every write goes through `tui_draw.Painter`. 
 worded by `guardtext`, as everywhere else.
 """
 
+import re
 import textwrap
+import time
 
 from . import billing, config, guardtext
 from .report import duration, start_command
@@ -16,8 +18,17 @@ NON_SUBSCRIPTION = billing.NON_SUBSCRIPTION
 
 # -- Status -----------------------------------------------------------------------
 
-def draw_halt_block(p, y, halt, now, command):
-    """The red block of a halt; `command` is the base resume command to suggest."""
+def halt_origin(halt, own=None):
+    """Which gateway tripped a team halt (the halt's `gateway`, on a shared store), or None."""
+    gateway = halt.get("gateway")
+    if not gateway:
+        return None
+    return "this gateway" if gateway == own else f"gateway {gateway} (another gateway on the shared store)"
+
+
+def draw_halt_block(p, y, halt, now, command, own=None):
+    """The red block of a halt; `command` is the base resume command to suggest; `own` is
+    this gateway's id on a shared store, if it has one."""
     request = halt.get("request") or {}
     since = halt.get("since") or 0
     scope = f" for account {halt['account']}" if halt.get("account") else ""
@@ -29,6 +40,7 @@ def draw_halt_block(p, y, halt, now, command):
                                                   f"account {request.get('account')}",
                                                   request.get("path") or "") if v), "normal"),
         *[("cause" if i == 0 else "", line, "bad") for i, line in enumerate(cause)],
+        *([("origin", halt_origin(halt, own), "normal")] if halt_origin(halt, own) else []),
         ("resume", countdown(halt, now) + (f" (at {clock_time(halt['cooldownUntil'])})"
                                             if halt.get("cooldownUntil") else ""), "bold"),
         ("", f"R resume{p.dot}r refresh{p.dot}or run `{guardtext.halt_command(halt, command)}`", "normal"),
@@ -62,8 +74,9 @@ def draw_status(p, top, view, now):
         return
     guard = status.get("guard") or {}
     cfg = guard.get("config") or {}
+    own = (status.get("store") or {}).get("gateway")
     if view.halt:
-        y = draw_halt_block(p, y, view.halt, now, guardtext.resume_command(view.port))
+        y = draw_halt_block(p, y, view.halt, now, guardtext.resume_command(view.port), own)
         others = [h for h in guard.get("halts") or [] if isinstance(h, dict)
                   and (h.get("since"), h.get("account")) != (view.halt.get("since"), view.halt.get("account"))]
         if others:
@@ -92,6 +105,12 @@ def draw_status(p, top, view, now):
         for offset, (text, style) in enumerate(headroom):
             p.put(y + 1 + offset, 13, text, style)
         y += len(headroom) + 1
+    disabled = (status.get("lastRate") or {}).get("overageDisabledReason")
+    if disabled:
+        # The API says extra usage is off for this account, and why (out_of_credits, ...).
+        p.put(y + 1, 1, "Overage", "bold")
+        p.put(y + 1, 13, f"extra usage disabled by the API: {disabled}", "warn")
+        y += 2
     y += 1
     p.spans(y, 1, [("Gateway    ", "bold"), (f"dario {status.get('version')}{p.dot}{status.get('bind')} -> "
                                             f"{status.get('upstream')}", "normal")])
@@ -144,13 +163,25 @@ def guard_headroom(status):
 
 # -- Config -----------------------------------------------------------------------
 
-def draw_config(p, top, editor):
+def draw_config(p, top, editor, port):
     h, w = p.size
-    file_config = editor.file
-    p.spans(top, 1, [("Config ", "bold"), (f"({file_config.source}) ", "warn" if file_config.source == "invalid"
-                                           else "normal"), (editor.path, "normal")])
+    state = editor.state
+    if state is None:
+        p.spans(top, 1, [("Config ", "bold"), ("of the gateway on 127.0.0.1:" + str(port), "normal")])
+        lines = [(line, "bad") for line in textwrap.wrap(clean(editor.error or "waiting for the gateway ..."),
+                                                          max(10, w - 4))[:3]]
+        lines += [("", "normal"), ("This tab edits the running gateway's own config and applies it.", "dim"),
+                  ("With no gateway, `dario config set KEY VALUE` edits $DARIO_HOME/config.json.", "dim")]
+        if editor.message:
+            lines += [("", "normal"), editor.message]
+        for offset, (line, style) in enumerate(lines, start=2):
+            p.put(top + offset, 3, line, style)
+        return
+    source = state.get("source")
+    p.spans(top, 1, [("Config ", "bold"), (f"({source}) ", "warn" if source == "invalid" else "normal"),
+                     (str(state.get("path")), "normal")])
     y = top + 1
-    if file_config.source == "invalid":
+    if source == "invalid":
         p.put(y, 1, "not valid JSON: saving is disabled until it is fixed", "bad")
         y += 1
     footer_rows = 5
@@ -159,11 +190,10 @@ def draw_config(p, top, editor):
     first = min(max(0, editor.selected - rows + 1), max(0, len(names) - rows))
     for row, name in enumerate(names[first:first + max(rows, 0)]):
         index = first + row
-        value = editor.value(name)
         pending = name in editor.pending
         mark = "*" if pending else " "
-        origin = "" if pending or name in file_config.values else "  (default)"
-        text = f"{'>' if index == editor.selected else ' '}{mark}{name:<34}{value_text(value)}{origin}"
+        text = (f"{'>' if index == editor.selected else ' '}{mark}{name:<34}"
+                f"{value_text(editor.value(name))}{editor.origin(name)}")
         style = "sel" if index == editor.selected else ("warn" if pending else "normal")
         p.put(y + row, 1, text.ljust(w - 2) if index == editor.selected else text, style)
     y = h - 1 - footer_rows
@@ -180,7 +210,7 @@ def draw_config(p, top, editor):
             "typing replaces the value, Backspace edits it; Enter applies, Esc cancels", "dim")
     else:
         pending = len(editor.pending)
-        p.put(y + 2, 1, f"{pending} unsaved change(s): s saves" if pending else "", "warn")
+        p.put(y + 2, 1, f"{pending} unsaved change(s): s saves and applies them" if pending else "", "warn")
         message = editor.message
     if message:
         for offset, text in enumerate(textwrap.wrap(message[0], max(10, w - 2))[:2]):
@@ -189,48 +219,124 @@ def draw_config(p, top, editor):
 
 # -- Analytics --------------------------------------------------------------------
 
-def non_subscription_count(analytics):
-    buckets = (analytics.get("allTime") or {}).get("billingBucketBreakdown") or {}
-    return sum(count for bucket, count in buckets.items() if bucket in NON_SUBSCRIPTION)
+LABEL = 11                      # "Burn rate  ": the label column of the Analytics rows
 
 
-def draw_analytics(p, top, view, by_tokens):
+def non_subscription(analytics):
+    """(requests, estimated USD) billed outside the subscription, all time."""
+    total = analytics.get("allTime") or {}
+    count = total.get("nonSubscriptionRequests")
+    if count is None:           # a gateway from before the field: count the buckets
+        buckets = total.get("billingBucketBreakdown") or {}
+        count = sum(n for bucket, n in buckets.items() if bucket in NON_SUBSCRIPTION)
+    return count, total.get("nonSubscriptionCostUsd")
+
+
+def usd(amount, digits=4):
+    return f"${amount or 0:.{digits}f}"
+
+
+def windows_seen(view):
+    """[(label, utilization, status, reset)] per rate-limit window: from /status
+    `lastRate.windows` when the gateway reports them, else the 5h and 7d readings."""
+    rate = (view.status or {}).get("lastRate") or {}
+    windows = rate.get("windows")
+    if isinstance(windows, dict) and windows:
+        return [(name, fields.get("utilization"), fields.get("status"), fields.get("reset"))
+                for name, fields in sorted(windows.items()) if isinstance(fields, dict)]
+    util = (view.analytics or {}).get("utilization") or {}
+    return [("5h", util.get("util5h", rate.get("util5h")), None, None),
+            ("7d", util.get("util7d", rate.get("util7d")), None, None)]
+
+
+def reset_text(reset, now):
+    """A window's reset (epoch seconds, as the header gives it) as a local time."""
+    try:
+        at = float(reset)
+    except (TypeError, ValueError):
+        return clean(reset) if reset else ""
+    if at > 1e12:
+        at /= 1000                  # milliseconds
+    if not 0 < at < 1e11:
+        return ""
+    return time.strftime("%H:%M" if at - now < 86_400 else "%a %H:%M", time.localtime(at))
+
+
+def analytics_rows(p, data):
+    """[(label, text)] of the summary rows (draw_analytics fits each to the width)."""
+    hour, total = data.get("lastHour") or {}, data.get("allTime") or {}
+    burn = data.get("burnRate") or {}
+    full_in = burn.get("util5hFullInMinutes")
+    avg = total.get("avgLatencyMs")
+    rows = [
+        ("Traffic", f"last hour {hour.get('requests', 0)}{p.dot}all time {total.get('requests', 0)}"
+                    f"{p.dot}errors {(total.get('errorRate') or 0) * 100:.1f}%"
+                    f"{p.dot}avg {'-' if avg is None else f'{avg:.0f}'} ms"),
+        ("Tokens", f"in {compact(total.get('inputTokens'))}{p.dot}out {compact(total.get('outputTokens'))}"
+                   f"{p.dot}cache read {compact(total.get('cacheReadTokens'))}"
+                   f"{p.dot}cache write {compact(total.get('cacheCreateTokens'))}"),
+        ("Cost", f"est. {usd(hour.get('estimatedCostUsd'))} last hour{p.dot}"
+                 f"{usd(total.get('estimatedCostUsd'))} all time"),
+    ]
+    if total.get("unmeteredRequests"):
+        # Billed answers whose usage could not be read, charged their worst case.
+        rows.append(("Unmetered", f"{total['unmeteredRequests']} billed without readable usage, "
+                                  f"charged {usd(total.get('unmeteredCostUsd'))} (worst case)"))
+    rows += [
+        ("Burn rate", f"{compact(burn.get('tokensPerMinute'))} tok/min{p.dot}{usd(burn.get('costPerHourUsd'), 2)}/h"
+                      + (f"{p.dot}5h window full in ~{full_in:.0f} min" if full_in is not None else "")),
+        ("Billing", billing_text(total)),
+    ]
+    return rows
+
+
+def billing_text(total):
+    """e.g. "97.5% subscription: 123.0k (3.0k fallback), 3 outside, 453 unknown"."""
+    buckets = total.get("billingBucketBreakdown") or {}
+    sub, fallback = buckets.get(billing.SUBSCRIPTION, 0), buckets.get(billing.SUBSCRIPTION_FALLBACK, 0)
+    outside = sum(n for bucket, n in buckets.items() if bucket in NON_SUBSCRIPTION)
+    unknown = buckets.get(billing.UNKNOWN, 0)
+    pct = total.get("subscriptionPercent")
+    text = "no claims yet" if pct is None else f"{pct}% subscription: {compact(sub + fallback)}"
+    if fallback:
+        text += f" ({compact(fallback)} fallback)"
+    if outside:
+        text += f", {compact(outside)} outside"
+    if unknown:
+        text += f", {compact(unknown)} unknown"
+    return text
+
+
+def draw_analytics(p, top, view, by_tokens, now):
     h, w = p.size
     data = view.analytics
     if data is None:
         p.put(top, 1, "no analytics yet" + ("" if view.link == "up" else f" ({view.error})"), "dim")
         return
-    hour, total = data.get("lastHour") or {}, data.get("allTime") or {}
-    burn = data.get("burnRate") or {}
-    util = data.get("utilization") or {}
-    full_in = burn.get("util5hFullInMinutes")
-    sub_pct = total.get("subscriptionPercent")
-    rows = [
-        ("Traffic", f"last hour {hour.get('requests', 0)}{p.dot}all time {total.get('requests', 0)}"
-                    f"{p.dot}errors {(total.get('errorRate') or 0) * 100:.1f}%"
-                    f"{p.dot}avg {total.get('avgLatencyMs') or '-'} ms"),
-        ("Tokens", f"in {compact(total.get('inputTokens'))}{p.dot}out {compact(total.get('outputTokens'))}"
-                   f"{p.dot}cache read {compact(total.get('cacheReadTokens'))}"
-                   f"{p.dot}cache write {compact(total.get('cacheCreateTokens'))}"),
-        ("Cost", f"est. ${hour.get('estimatedCostUsd') or 0:.4f} last hour"
-                 f"{p.dot}${total.get('estimatedCostUsd') or 0:.4f} all time"),
-        ("Burn rate", f"{compact(burn.get('tokensPerMinute'))} tok/min{p.dot}${burn.get('costPerHourUsd') or 0:.2f}/h"
-                      + (f"{p.dot}5h window full in ~{full_in:.0f} min" if full_in is not None else "")),
-        ("Billing", ("-" if sub_pct is None else f"{sub_pct}% subscription") + p.dot +
-                    ", ".join(f"{b} {n}" for b, n in (total.get("billingBucketBreakdown") or {}).items())),
-    ]
+    room = max(10, w - 2 - LABEL)
+    rows = analytics_rows(p, data)
     for offset, (label, text) in enumerate(rows):
-        p.spans(top + offset, 1, [(f"{label:<11}", "bold"), (text, "normal")])
+        p.spans(top + offset, 1, [(f"{label:<{LABEL}}", "bold"), (fit(text, room), "normal")])
     y = top + len(rows) + 1
-    width = max(5, min(40, w - 36))
+    width = max(5, min(30, w - 56))
     p.put(y, 1, "Utilization", "bold")
-    for offset, (label, key) in enumerate((("5h", "util5h"), ("7d", "util7d")), start=1):
-        p.put(y + offset, 3, f"{label:<10}{bar(p, util.get(key), width)} {percent(util.get(key))}")
-    overage, extra = util.get("overageUtil"), non_subscription_count(data)
-    red = bool(overage) or extra > 0
-    p.put(y + 3, 3, f"{'Overage':<10}{bar(p, overage, width)} {percent(overage)}"
-          + (f"  {extra} non-subscription!" if extra else ""), "bad" if red else "normal")
-    y += 5
+    y += 1
+    for label, value, status, reset in windows_seen(view)[:max(1, h - y - 8)]:
+        tail = "" if status in (None, "allowed") else f" {status}"
+        when = reset_text(reset, now)
+        tail += f"  resets {when}" if when else ""
+        style = "bad" if status == "rejected" else "normal" if status in (None, "allowed") else "warn"
+        p.put(y, 3, f"{fit(label, 9):<10}{bar(p, value, width)} {percent(value)}"
+                    + fit(tail, max(0, w - 3 - 10 - width - 7)), style)
+        y += 1
+    overage = ((view.status or {}).get("lastRate") or {}).get("overageUtil")
+    if overage is None:
+        overage = (data.get("utilization") or {}).get("overageUtil")
+    count, cost = non_subscription(data)
+    extra = f"  {count} non-subscription, est. {usd(cost, 2)}" if count else ""
+    p.put(y, 3, f"{'Overage':<10}{bar(p, overage, width)} {percent(overage)}"
+                + fit(extra, max(0, w - 3 - 10 - width - 7)), "bad" if overage or count else "normal")
+    y += 2
     per_model = data.get("perModel") or {}
     p.put(y, 1, f"Per model (by {'tokens' if by_tokens else 'requests'}; t switches)", "bold")
 
@@ -246,29 +352,68 @@ def draw_analytics(p, top, view, by_tokens):
 # -- Hits -------------------------------------------------------------------------
 
 BUCKET_SHORT = {"subscription": "sub", "subscription_fallback": "sub-fb", "extra_usage": "EXTRA",
-                "api": "API", "other": "OTHER", "unknown": "unknown"}
+                "api": "API", "other": "OTHER", "unknown": "-"}
+PATH_SHORT = {"/v1/messages": "msg", "/v1/messages/count_tokens": "count", "/v1/complete": "compl",
+              "/v1/chat/completions": "chat", "/v1/models": "models"}
 
 
 def hit_columns(width):
-    """(title, width) per column; the model column takes what the others leave."""
-    fixed = [("TIME", 8), ("MODEL", 0), ("ACCOUNT", 12), ("ST", 3), ("TOKENS", 9),
-             ("CLAIM", 11), ("BUCKET", 7), ("LAT", 6)]
+    """(title, width) per column; the model column takes what the others leave (up to
+    24), then wide screens give claims, accounts and models more room. 80 columns fit."""
+    fixed = [("TIME", 8), ("PATH", 6), ("MODEL", 0), ("ACCOUNT", 10), ("ST", 6), ("TOKENS", 9),
+             ("CLAIM", 9), ("BUCKET", 6), ("LAT", 5)]
     spare = width - 2 - sum(n for _, n in fixed) - (len(fixed) - 1)
-    model = max(6, min(spare, 30))
-    claim = 11 + min(max(0, spare - model), 15)     # wide screens: long claims too
-    return [(title, model if title == "MODEL" else claim if title == "CLAIM" else n) for title, n in fixed]
+    model = max(8, min(spare, 24))
+    claim = min(max(0, spare - model), 12)
+    account = min(max(0, spare - model - claim), 6)
+    model += min(max(0, spare - model - claim - account), 16)
+    grow = {"MODEL": model, "CLAIM": 9 + claim, "ACCOUNT": 10 + account}
+    return [(title, grow.get(title, n)) for title, n in fixed]
 
 
 def latency_text(ms):
+    """At most five characters: 850ms, 12.3s, 600s."""
     if ms is None:
         return "-"
-    return f"{ms:.0f}ms" if ms < 10_000 else f"{ms / 1000:.1f}s"
+    if ms < 1000:
+        return f"{ms:.0f}ms"
+    return f"{ms / 1000:.1f}s" if ms < 99_950 else f"{ms / 1000:.0f}s"
 
 
-def hit_cells(record, now_ms=None):
+def path_text(path):
+    if not path:
+        return "-"
+    if path in PATH_SHORT:
+        return PATH_SHORT[path]
+    return "model" if path.startswith("/v1/models/") else path
+
+
+def model_text(model, width):
+    """A model name that fits: whole when it can be, else without the `claude-` prefix and
+    the date suffix (claude-opus-4-5-20251101 -> opus-4-5), else cut."""
+    text = clean(model or "-")
+    if len(text) > width:
+        text = re.sub(r"-(\d{8}|latest)$", "", re.sub(r"^claude-", "", text))
+    return fit(text, width)
+
+
+def account_text(account, width):
+    text = clean(account or "-")
+    return text[4:] if len(text) > width and text.startswith("key:") else text
+
+
+def status_text(record):
+    if record.get("outcome") == "halted":
+        return "halted"
+    return str(record.get("status") or "-")
+
+
+def hit_cells(record, columns):
+    widths = dict(columns)
     tokens = f"{compact(record.get('inputTokens'))}/{compact(record.get('outputTokens'))}"
-    return [clock_time(record.get("timestamp") or 0), record.get("model") or "-", record.get("account"),
-            str(record.get("status") or "-"), tokens, record.get("claim"),
+    return [clock_time(record.get("timestamp") or 0), path_text(record.get("path")),
+            model_text(record.get("model"), widths["MODEL"]), account_text(record.get("account"), widths["ACCOUNT"]),
+            status_text(record), tokens, record.get("claim"),
             BUCKET_SHORT.get(record.get("bucket"), record.get("bucket")), latency_text(record.get("latencyMs"))]
 
 
@@ -294,6 +439,6 @@ def draw_hits(p, top, view, selected, now):
     for row, record in enumerate(rows[first:first + visible]):
         index = first + row
         bad = record.get("bucket") in NON_SUBSCRIPTION
-        text = " ".join(f"{fit(cell, n):<{n}}" for cell, (_, n) in zip(hit_cells(record), columns))
+        text = " ".join(f"{fit(cell, n):<{n}}" for cell, (_, n) in zip(hit_cells(record, columns), columns))
         style = ("badsel" if bad else "sel") if index == selected else ("bad" if bad else "normal")
         p.put(y + row, 0, ("!" if bad else " ") + " " + text, style)

@@ -138,3 +138,12 @@ def test_notify_test_reports_each_channel(home, tmp_path, receiver):
     (home / "config.json").write_text(json.dumps({"notifyCommand": ["definitely-not-a-program-xyz"]}))
     result = run_cli(["notify-test"], home)
     assert result.returncode == 1 and "command: FAILED" in result.stdout and "not found" in result.stdout
+
+
+def test_a_gateway_starts_without_importing_requests():
+    # requests (with certifi, charset_normalizer, idna) is most of a start-up's imports;
+    # only a webhook needs it, and imports it when the first one is posted.
+    code = ("import sys; from dario_lib import cli, server, alerts; "
+            "print(sorted(m for m in ('requests', 'charset_normalizer', 'idna') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr

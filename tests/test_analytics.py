@@ -5,6 +5,7 @@ import socket
 import threading
 import time
 
+import pytest
 import requests
 
 from dario_lib.client import Client
@@ -12,7 +13,7 @@ from dario_lib.events import MAX_SUBSCRIBERS, EventBus
 
 from dario_lib.server import GatewayServer
 
-from .helpers import RecordingNotifier, make_settings, running_gateway, wait_until
+from .helpers import FakeClock, RecordingNotifier, make_settings, running_gateway, wait_until
 
 MESSAGE = {"model": "claude-opus-4-5", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
 
@@ -163,3 +164,62 @@ def test_drain_closes_stream_subscribers_at_once(sim, home):
         pass
     assert time.monotonic() - started < 2
     sock.close()
+
+
+# -- the burn-rate prediction and the spend outside the subscription ----------------
+
+from dario_lib.analytics import _minutes_to_full  # noqa: E402
+
+MINUTE = 60_000
+
+
+def series(*values, step=MINUTE):
+    return [(1_700_000_000_000 + i * step, value) for i, value in enumerate(values)]
+
+
+@pytest.mark.parametrize("samples", [
+    series(0.5, 0.5, 0.5, 0.5),                                 # flat
+    series(0.5, 0.5, 0.5, 0.50000001),                          # flat up to float noise: was 9.3e24-style minutes
+    series(0.30, 0.45, 0.20, 0.50, 0.25, 0.40),                 # noise with a slight upward fit
+    series(0.2, 0.3),                                           # two readings prove nothing
+    series(0.2, 0.25, 0.3, step=5_000),                         # ten seconds of readings
+    series(0.60, 0.55, 0.50, 0.45),                             # falling
+    series(0.100, 0.101, 0.102, 0.103),                         # rising, but full in 15 h: past the reset
+    series(0.9, 1.0, 1.0, 1.0),                                 # already full
+])
+def test_no_prediction_from_readings_that_do_not_support_one(samples):
+    assert _minutes_to_full(samples) is None
+
+
+def test_a_steady_rise_predicts_when_the_window_fills():
+    assert _minutes_to_full(series(0.50, 0.55, 0.60, 0.65)) == 7.0
+    # A reset (a big fall) starts the fit over from the readings after it.
+    assert _minutes_to_full(series(0.90, 0.95, 0.10, 0.15, 0.20, 0.25)) == 15.0
+
+
+def test_the_report_never_predicts_from_a_noisy_series_through_a_gateway(sim, home):
+    clock = FakeClock()
+    with running_gateway(make_settings(home, sim.url), clock=clock) as gateway:
+        for util in ("0.40", "0.41", "0.40", "0.41"):            # noise, no trend
+            post(gateway, {"x-sim-util5h": util})
+            clock.advance(60)
+        assert requests.get(url(gateway, "/analytics")).json()["burnRate"]["util5hFullInMinutes"] is None
+        for util in ("0.50", "0.60", "0.70"):
+            post(gateway, {"x-sim-util5h": util})
+            clock.advance(60)
+        full_in = requests.get(url(gateway, "/analytics")).json()["burnRate"]["util5hFullInMinutes"]
+        assert full_in is not None and 0 < full_in <= 300
+
+
+def test_windows_count_and_cost_what_was_billed_outside_the_subscription(gateway):
+    post(gateway)
+    post(gateway, {"x-sim-claim": "api"})                        # halts; counted and costed
+    requests.post(url(gateway, "/admin/resume"), json={})
+    post(gateway, {"x-sim-claim": "overage"})
+    assert wait_until(lambda: gateway.store.summary()["requests"] == 3)
+    report = requests.get(url(gateway, "/analytics")).json()
+    outside = [r for r in gateway.store.snapshot() if r["bucket"] in ("api", "extra_usage")]
+    cost = round(sum(r["costUsd"] for r in outside), 4)
+    for window in (report["lastHour"], report["allTime"]):
+        assert window["nonSubscriptionRequests"] == 2
+        assert window["nonSubscriptionCostUsd"] == cost > 0

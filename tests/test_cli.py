@@ -247,12 +247,69 @@ def test_config_path_get_set_show(home):
     assert run(["config", "path"], home).stdout.strip() == str(home / "config.json")
     assert run(["config", "get", "overageGuard.cooldownMs"], home).stdout.strip() == "1800000"
     (home / "config.json").write_text(json.dumps({"custom": {"mine": True}}))
-    result = run(["config", "set", "overageGuard.behavior", "warn"], home)
+    port = free_port()                              # no gateway answers there: the file is edited
+    result = run(["config", "set", "overageGuard.behavior", "warn"], home, {"DARIO_PORT": str(port)})
     assert result.returncode == 0
+    assert result.stdout == (f'[dario] overageGuard.behavior = "warn" saved to {home / "config.json"} (no gateway '
+                             f"answers on 127.0.0.1:{port}; a gateway reads the file when it starts, or on SIGHUP)\n")
     assert json.loads((home / "config.json").read_text()) == {"custom": {"mine": True},
                                                                "overageGuard": {"behavior": "warn"}}
     shown = json.loads(run(["config", "show"], home).stdout)
     assert shown["settings"]["overageGuard.behavior"] == "warn" and shown["source"] == "file"
+
+
+def test_config_show_get_and_set_mask_credentials(home):
+    port = str(free_port())
+    proxy_url, store_url = "http://user:hunter2@127.0.0.1:3128", "redis://:hunter3@127.0.0.1:6379/0"
+    for key, value in (("upstream.proxy", proxy_url), ("store.url", store_url)):
+        result = run(["config", "set", key, value, f"--port={port}"], home)
+        assert result.returncode == 0 and "hunter" not in result.stdout + result.stderr
+    assert json.loads((home / "config.json").read_text())["upstream"]["proxy"] == proxy_url
+    shown = run(["config", "show"], home).stdout
+    assert "hunter" not in shown
+    settings = json.loads(shown)["settings"]
+    assert settings["upstream.proxy"] == "http://***:***@127.0.0.1:3128"
+    assert settings["store.url"] == "redis://***@127.0.0.1:6379/0"
+    assert run(["config", "get", "store.url"], home).stdout == '"redis://***@127.0.0.1:6379/0"\n'
+    assert run(["config", "get", "upstream.proxy"], home).stdout == '"http://***:***@127.0.0.1:3128"\n'
+
+
+def test_config_set_goes_through_the_gateway_that_answers_on_the_port(home, proxy, tmp_path):
+    gateway = proxy("--overage-cooldown=60000")
+    caller = tmp_path / "caller-home"               # the caller's own DARIO_HOME is another folder
+    caller.mkdir()
+    result = run(["config", "set", "overageGuard.behavior", "warn", f"--port={gateway.port}"], caller)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (f'[dario] overageGuard.behavior = "warn" saved to {home / "config.json"} and applied '
+                             f"by the gateway on 127.0.0.1:{gateway.port}\n")
+    assert json.loads((home / "config.json").read_text()) == {"overageGuard": {"behavior": "warn"}}
+    assert not (caller / "config.json").exists()
+    assert requests.get(gateway.url + "/admin/resume").json()["config"]["behavior"] == "warn"
+    # The port from DARIO_PORT works the same; a restart setting is saved for the restart.
+    later = run(["config", "set", "maxRecords", "50"], caller, {"DARIO_PORT": str(gateway.port)})
+    assert later.stdout.endswith(f"saved to {home / 'config.json'}; the gateway on 127.0.0.1:{gateway.port} "
+                                 "applies it when it restarts\n")
+    # A flag outranks the file: saved, and the caller is told.
+    flagged = run(["config", "set", "overageGuard.cooldownMs", "5000", f"--port={gateway.port}"], caller)
+    assert flagged.returncode == 0
+    assert "takes overageGuard.cooldownMs from its flag, which outranks the file" in flagged.stderr
+    assert requests.get(gateway.url + "/admin/resume").json()["config"]["cooldownMs"] == 60000
+    # A bad value is refused before anything is sent.
+    assert run(["config", "set", "overageGuard.behavior", "nuke", f"--port={gateway.port}"], caller).returncode == 2
+    assert json.loads((home / "config.json").read_text())["overageGuard"] == {"behavior": "warn", "cooldownMs": 5000}
+    assert gateway.stop() == 0 and "config changed through PUT /admin/config" in gateway.log
+
+
+def test_config_set_answered_401_says_which_variable_to_set(home, proxy, tmp_path):
+    gateway = proxy(env={"DARIO_API_KEY": "gw-key"})
+    caller = tmp_path / "caller-home"
+    caller.mkdir()
+    refused = run(["config", "set", "overageGuard.behavior", "warn", f"--port={gateway.port}"], caller)
+    assert refused.returncode == 1 and "The gateway wants a key: set DARIO_API_KEY" in refused.stderr
+    assert not (home / "config.json").exists() and not (caller / "config.json").exists()
+    done = run(["config", "set", "overageGuard.behavior", "warn", f"--port={gateway.port}"], caller,
+               {"DARIO_API_KEY": "gw-key"})
+    assert done.returncode == 0 and "gw-key" not in done.stdout + done.stderr
 
 
 @pytest.mark.parametrize("args", [["set", "overageGuard.behavior", "nuke"], ["set", "overageGuard.cooldownMs", "-5"],
