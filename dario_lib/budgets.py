@@ -19,6 +19,10 @@ is a regular file, not a symlink (it is opened with O_NOFOLLOW).
 A request whose `max_tokens` is absurd (not an integer from 0 to 10,000,000) is a
 `BadRequest` (a 400 for the client), so its worst case is always a finite number.
 
+A reservation granted is a `Ticket`: it remembers the budgets object that granted it
+(a config reload may replace the gateway's) and the worst case it held, and settles
+there. `team.TeamBudgets` keeps the same promises in the Redis store.
+
 Thread-safe: all state is behind one lock; ledger appends happen under it (short writes).
 """
 
@@ -32,8 +36,9 @@ import re
 import stat
 import threading
 import time
+from typing import NamedTuple
 
-from . import files, guard as guard_mod, guardtext, pricing
+from . import files, guardtext, pricing
 
 log = logging.getLogger(__name__)
 
@@ -234,10 +239,41 @@ class Ledger:
         self.appended = 0
 
 
+def crossing_metric(budget):
+    """The name under which the guard records a budget's threshold crossing."""
+    return f"budget:{budget.account}:{budget.window}:{budget.usd}"
+
+
+def budget_detail(budget, spent):
+    """The `detail` of a budget's warning or halt."""
+    return {"spentUsd": round(spent, 4), "budgetUsd": budget.usd, "window": budget.window,
+            "budgetAccount": budget.account, "warnAt": budget.warn_at}
+
+
+def budget_level(budget, spent):
+    """"halt" at or past the limit, "warn" at or past warnAt, else None."""
+    return "halt" if spent >= budget.usd else "warn" if spent >= budget.usd * budget.warn_at else None
+
+
 def _why(err):
     if err.errno == errno.ELOOP:
         return "it is a symlink; dario only uses a regular file there"
     return err.strerror or str(err)
+
+
+class Ticket(NamedTuple):
+    """A request's budget reservation: settle it once, with the request's metered cost."""
+    budgets: object             # the Budgets (or team.TeamBudgets) that granted it
+    id: object                  # its reservation id there
+    worst_usd: float            # what it held: the request's worst case
+
+    def settle(self, account, usd, request):
+        if not valid_usd(usd):
+            # A cost that is not a finite amount >= 0 means metering went wrong: charge
+            # the reservation (the worst case), never zero, and never record NaN.
+            log.warning("a request's cost came out as %r; charging its reservation ($%.4f)", usd, self.worst_usd)
+            usd = self.worst_usd
+        self.budgets.settle(self.id, account, usd, request)
 
 
 class Refusal:
@@ -289,12 +325,12 @@ class Budgets:
 
     # -- the request path --------------------------------------------------------
 
-    def reserve(self, account, model, body_len, max_tokens):
-        """A reservation id, None (no budget applies), or a Refusal."""
+    def reserve(self, account, worst):
+        """Hold `worst` (a request's worst-case cost, worst_case_usd()) against every budget
+        of this account: a reservation id, None (no budget applies), or a Refusal."""
         applicable = [b for b in self.budgets if b.account in ("*", account)]
         if not applicable:
             return None
-        worst = worst_case_usd(model, body_len, max_tokens)
         with self._lock:
             now = self._now()
             for budget in applicable:
@@ -355,11 +391,9 @@ class Budgets:
             now = self._now()
             spent = self._spent_locked(budget, now)
             roll = self._roll_time_locked(budget, now, spent)
-        level = "halt" if spent >= budget.usd else "warn" if spent >= budget.usd * budget.warn_at else None
-        detail = {"spentUsd": round(spent, 4), "budgetUsd": budget.usd, "window": budget.window,
-                  "budgetAccount": budget.account, "warnAt": budget.warn_at}
-        self._guard.cross(account, f"budget:{budget.account}:{budget.window}:{budget.usd}", level,
-                          request, detail, guard_mod.BUDGET_WARNING, guard_mod.BUDGET, cooldown_until=roll)
+        level, detail = budget_level(budget, spent), budget_detail(budget, spent)
+        self._guard.cross(account, crossing_metric(budget), level, request, detail, guardtext.BUDGET_WARNING,
+                          guardtext.BUDGET, cooldown_until=roll)
 
     def _fail(self, why):
         log.error("the spend ledger failed (%s): halting, since budgets cannot be kept", why)

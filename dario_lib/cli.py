@@ -35,10 +35,14 @@ Commands:
                            halt of one account, with overageGuard.scope = account)
   status [--port=N] [--json]
                            guard state, config source, request counts, last claims
-  config show              the effective file settings (with defaults) as JSON
+  config show              the settings in $DARIO_HOME/config.json (with defaults) as
+                           JSON, credentials masked
   config path              where the config file lives
-  config get KEY           one setting, e.g. overageGuard.cooldownMs
-  config set KEY VALUE     validate and save one setting (atomic write)
+  config get KEY           one setting, e.g. overageGuard.cooldownMs (masked likewise)
+  config set KEY VALUE [--port=N]
+                           validate and save one setting: through the gateway that
+                           answers on the port (its own config file, applied at once),
+                           or into $DARIO_HOME/config.json when none does (atomic write)
   service print|install|uninstall [--systemd|--launchd]
                            a systemd user unit or launchd agent that runs `proxy`:
                            print it, install it (prints how to enable it), or remove it
@@ -58,6 +62,11 @@ Flags for `proxy` (flag > environment > config file > default):
                            (http://[user:password@]host:port; "direct" for none);
                            default: HTTPS_PROXY and NO_PROXY                       [DARIO_UPSTREAM_PROXY]
   --log-file=PATH          append one JSON line per request record                 [DARIO_LOG_FILE]
+  --store=URL              where halts and budget spend live: file ($DARIO_HOME, the
+                           default) or a Redis store a team of gateways shares:
+                           redis://[user:password@]host:port/db, rediss://... (TLS),
+                           unix:///path/redis.sock[?db=N]; needs
+                           pip install 'dario[redis]'                               [DARIO_STORE]
   --overage-guard          turn the overage guard on (the default)                 [DARIO_OVERAGE_GUARD=on]
   --no-overage-guard       turn it off: nothing is detected                        [DARIO_OVERAGE_GUARD=off]
   --overage-behavior=halt|warn
@@ -87,10 +96,12 @@ Environment:
   DARIO_API_KEY            require this key from clients (x-dario-api-key or
                            Proxy-Authorization: Bearer); resume/status send it too
   DARIO_UPSTREAM_API_KEY   send this key upstream as x-api-key instead of the client's
+  DARIO_STORE_PASSWORD     the password of a Redis --store whose URL names none (never shown)
   HTTPS_PROXY, NO_PROXY    the proxy for an https upstream, as requests reads them
                            (--upstream-proxy overrides them)
-  DARIO_PORT, DARIO_HOST, DARIO_UPSTREAM, DARIO_UPSTREAM_PROXY, DARIO_LOG_FILE, DARIO_OVERAGE_GUARD,
-  DARIO_OVERAGE_BEHAVIOR, DARIO_OVERAGE_COOLDOWN, DARIO_OVERAGE_NOTIFY, DARIO_VERBOSE
+  DARIO_PORT, DARIO_HOST, DARIO_UPSTREAM, DARIO_UPSTREAM_PROXY, DARIO_LOG_FILE,
+  DARIO_STORE, DARIO_OVERAGE_GUARD, DARIO_OVERAGE_BEHAVIOR, DARIO_OVERAGE_COOLDOWN,
+  DARIO_OVERAGE_NOTIFY, DARIO_VERBOSE
                            as the flags above; booleans take 1/0, true/false, on/off, yes/no
 
 Point clients at http://127.0.0.1:3456 (not "localhost": Node tries ::1 first), e.g.
@@ -181,6 +192,7 @@ def _proxy_parser():
     p.add_argument("--upstream", dest="upstream.url")
     p.add_argument("--upstream-proxy", dest="upstream.proxy")
     p.add_argument("--log-file", dest="logFile")
+    p.add_argument("--store", dest="store.url")
     p.add_argument("--overage-guard", dest="overageGuard.enabled", action="store_const", const=True)
     p.add_argument("--no-overage-guard", dest="overageGuard.enabled", action="store_const", const=False)
     p.add_argument("--overage-behavior", dest="overageGuard.behavior")
@@ -310,39 +322,114 @@ def cmd_config(args):
         print(HELP)
         return 0 if args else 2
     action, rest = args[0], args[1:]
+    port_flag, rest = _port_flag(rest) if action == "set" else (None, rest)
     path = config.config_path(os.environ)
-    file_config = config.load_file(path)
     wanted = {"show": 0, "path": 0, "get": 1, "set": 2}
     if action not in wanted:
         raise UsageError(f"unknown config action {action!r} (use show, path, get KEY or set KEY VALUE)")
     if len(rest) != wanted[action]:
         raise UsageError(f"`config {action}` takes {wanted[action]} argument(s)")
-    for warning in file_config.warnings:
-        print(f"[dario] warning: {warning}", file=sys.stderr)
     if action == "path":
         print(path)
-    elif action == "show":
-        shown = {key.name: config.current_value(file_config, key.name) for key in config.SCHEMA}
+        return 0
+    if action == "set":
+        return _config_set(rest[0], rest[1], port_flag, path)
+    file_config = config.load_file(path)
+    for warning in file_config.warnings:
+        _say(f"[dario] warning: {warning}", sys.stderr)
+    if action == "show":
+        shown = {key.name: _public_json(key.name, config.current_value(file_config, key.name))
+                 for key in config.SCHEMA}
         print(json.dumps({"path": path, "source": file_config.source, "settings": shown}, indent=2))
-    elif action == "get":
+    else:
         if rest[0] not in config.SCHEMA_BY_NAME:
             return _fail(f"unknown config key {rest[0]!r}; keys: {', '.join(config.SCHEMA_BY_NAME)}", 2)
-        print(json.dumps(config.current_value(file_config, rest[0])))
-    else:
-        key, text = rest
-        try:
-            value = config.parse_value(key, text)
-        except config.ConfigError as err:
-            return _fail(str(err), 2)
-        if file_config.source == "invalid":
-            return _fail(f"not changing {path}: it is not valid JSON. Fix or remove it first.")
-        try:
-            config.save_file(path, config.with_value(file_config.raw, key, value))
-        except OSError as err:
-            return _fail(f"cannot write {path}: {err.strerror or err}")
-        print(f"[dario] {key} = {json.dumps(config._plain(value, config.SCHEMA_BY_NAME[key].kind))} "
-              f"saved to {path}")
+        print(json.dumps(_public_json(rest[0], config.current_value(file_config, rest[0]))))
     return 0
+
+
+def _port_flag(args):
+    """(--port value or None, the other arguments): `config set` takes --port=N or --port N."""
+    port, rest, items = None, [], iter(args)
+    for arg in items:
+        if arg == "--port":
+            port = next(items, None)
+            if port is None:
+                raise UsageError("--port needs a value, e.g. --port=3456")
+        elif arg.startswith("--port="):
+            port = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    return port, rest
+
+
+def _public_json(name, value):
+    """A JSON-ready value as `config show`/`get` print it: credentials masked."""
+    kind = config.SCHEMA_BY_NAME[name].kind
+    if value is None or not hasattr(kind, "masked"):
+        return value
+    try:
+        return kind.masked(value)
+    except ValueError:
+        return "(hidden: it may hold credentials)"
+
+
+def _config_set(key, text, port_flag, path):
+    """Through the gateway on the port when one answers (its own file, applied at once);
+    into $DARIO_HOME/config.json when none does."""
+    try:
+        value = config.parse_value(key, text)
+    except config.ConfigError as err:
+        return _fail(str(err), 2)
+    shown = json.dumps(config.public_value(key, value))
+    port = config.client_port(port_flag, os.environ)
+    client = Client(port)
+    try:
+        answer = client.set_config({key: text})
+    except GatewayDown:
+        return _config_set_file(key, value, shown, path, port)
+    except GatewayError as err:
+        if err.status in (404, 405):
+            return _fail(f"the gateway on 127.0.0.1:{port} cannot change its config over HTTP (HTTP {err.status}: "
+                         "an older dario?); nothing was changed. Edit its config file and send it SIGHUP, "
+                         "or restart it.")
+        if err.status in (400, 409):
+            return _fail(f"the gateway on 127.0.0.1:{port} did not change its config: {_error_message(err.body)}")
+        return _http_error("Config", err.status, err.body, client)
+    where = f"the gateway on 127.0.0.1:{port}"
+    if key in (answer.get("pending") or ()):
+        _say(f"[dario] {key} = {shown} saved to {answer.get('path')}; {where} applies it when it restarts")
+    else:
+        _say(f"[dario] {key} = {shown} saved to {answer.get('path')} and applied by {where}")
+    source = (answer.get("overridden") or {}).get(key)
+    if source:
+        _say(f"[dario] note: {where} takes {key} from its {'flag' if source == 'flag' else 'environment'}, "
+             "which outranks the file: the saved value applies once that is gone", sys.stderr)
+    return 0
+
+
+def _config_set_file(key, value, shown, path, port):
+    file_config = config.load_file(path)
+    for warning in file_config.warnings:
+        _say(f"[dario] warning: {warning}", sys.stderr)
+    if file_config.source == "invalid":
+        return _fail(f"not changing {path}: it is not valid JSON. Fix or remove it first.")
+    try:
+        config.save_file(path, config.with_value(file_config.raw, key, value))
+    except OSError as err:
+        return _fail(f"cannot write {path}: {err.strerror or err}")
+    _say(f"[dario] {key} = {shown} saved to {path} (no gateway answers on 127.0.0.1:{port}; "
+         "a gateway reads the file when it starts, or on SIGHUP)")
+    return 0
+
+
+def _error_message(body):
+    """The message of a gateway's JSON error body, inert and capped (the body if it has none)."""
+    try:
+        message = json.loads(body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = body
+    return inert.terminal(str(message), BODY_LIMIT)
 
 
 # -- notify-test --------------------------------------------------------------------

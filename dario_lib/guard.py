@@ -4,10 +4,13 @@ other trip-wires (utilization thresholds, unified status, spend budgets).
 A small state machine behind one lock. Each halt is keyed by what it stops: `None` for
 the whole gateway (scope `proxy`, the default) or an account label (scope `account`).
 
-- `check(account)` runs right before a guarded request's upstream send and returns the
-  halt that blocks it, if any. `observe()` runs when a response's headers arrive and
-  decides. Both take the same lock, so a request that checked before a halt goes out
-  and none that checks after it does; the upstream send itself happens outside the lock.
+- `admit(account, budgets, worst_usd)` runs right before a guarded request's upstream
+  send: the halt that blocks it (`check`), else its budget reservation, as a `Verdict`
+  (the 503 to answer instead, or the `budgets.Ticket` to settle). `observe()` runs when
+  a response's headers arrive and decides. Both take the same lock, so a request that
+  checked before a halt goes out and none that checks after it does; the upstream send
+  itself happens outside the lock. (`team.TeamGuard` keeps the same promises for a team
+  of gateways sharing a Redis store.)
 - The overage trip fires once per halt (while halted, more overage responses are only
   recorded). Threshold trips (utilization, unified status, budgets) fire once per
   crossing: they re-arm only after the value drops back below the threshold.
@@ -30,8 +33,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import NamedTuple
 
 from . import billing, guardtext
+from .budgets import Refusal, Ticket
 from .guardtext import iso
 from .statefile import ABSENT, CORRUPT
 
@@ -58,10 +63,24 @@ class Halt:
     generation: int = 0
     account: str = None               # None: the whole gateway
     detail: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
+    id: str = None                    # a team's halt (Redis store): its id ...
+    gateway: str = None               # ... and the gateway that made it
 
     def public(self):
-        return {"since": self.since, "cooldownUntil": self.cooldown_until, "reason": self.reason,
-                "request": dict(self.request), "account": self.account, "detail": dict(self.detail)}
+        public = {"since": self.since, "cooldownUntil": self.cooldown_until, "reason": self.reason,
+                  "request": dict(self.request), "account": self.account, "detail": dict(self.detail)}
+        if self.id is not None:
+            public["id"], public["gateway"] = self.id, self.gateway
+        return public
+
+
+class Verdict(NamedTuple):
+    """What `admit()` says to a guarded request about to be sent."""
+    response: tuple = None      # (headers, body) of the 503 it gets instead; None: send it
+    ticket: Ticket = None       # the budget reservation it holds: settle it with its cost
+
+
+GO = Verdict()
 
 
 class Guard:
@@ -100,6 +119,21 @@ class Guard:
 
     # -- the request path --------------------------------------------------------
 
+    def admit(self, account=None, budgets=None, worst_usd=0.0):
+        """The Verdict for a guarded request about to be sent: the halt that blocks it,
+        else (given `budgets`) the reservation of its worst-case cost, or a refusal."""
+        halt = self.check(account)
+        if halt is not None:
+            return Verdict(self.blocked_response(halt))
+        if budgets is None or not budgets.active:
+            return GO
+        held = budgets.reserve(account, worst_usd)
+        if held is None:
+            return GO
+        if isinstance(held, Refusal):
+            return Verdict(held.response())
+        return Verdict(None, Ticket(budgets, held, worst_usd))
+
     def check(self, account=None):
         """The halt blocking this account's request, or None. Called right before sending."""
         actions = []
@@ -119,10 +153,10 @@ class Guard:
         account, claim, path, requestId}. Returns a new Halt if this response made one.
         """
         config = self.config
-        checks = bool(config.utilization) or any(config.unified_status.values())
         signal = _billing_signal(rate)
         overage = config.enabled and signal is not None
-        if not overage and not checks:
+        crossings = self._crossings(rate)
+        if not overage and not crossings:
             return None
         key = self._key(request.get("account"))
         actions, halt = [], None
@@ -134,22 +168,34 @@ class Guard:
                     self._warn_locked(OVERAGE, request, detail, actions)
                 elif key not in self._halts:
                     halt = self._halt_locked(OVERAGE, request, actions, key=key, detail=detail)
+            for metric, level, warn_reason, halt_reason, detail in crossings:
+                halt = self._cross_locked(key, metric, level, warn_reason, halt_reason, request,
+                                          detail, actions) or halt
+        _run(actions)
+        return halt
+
+    def _crossings(self, rate):
+        """[(metric, level, warn reason, halt reason, detail)] of the threshold trips
+        configured, as this response's rate-limit headers set them (level None: under)."""
+        config = self.config
+        out = []
+        if config.utilization:
             for metric, (warn, stop) in config.utilization.items():
-                value = rate.get(metric)
+                value = billing.utilization(rate, metric)       # any window, by its config name
                 if value is not None:
                     level = "halt" if stop is not None and value >= stop else \
                         "warn" if warn is not None and value >= warn else None
                     detail = {"metric": metric, "value": value, "threshold": stop if level == "halt" else warn}
-                    halt = self._cross_locked(key, metric, level, UTILIZATION, UTILIZATION, request,
-                                              detail, actions) or halt
-            status = rate.get("unifiedStatus")
-            if any(config.unified_status.values()):
+                    out.append((metric, level, UTILIZATION, UTILIZATION, detail))
+        if any(config.unified_status.values()):
+            for metric, status in billing.statuses(rate):     # the unified status, then each window's
                 level = ("halt" if status in config.unified_status["halt"] else
                          "warn" if status in config.unified_status["warn"] else None)
-                halt = self._cross_locked(key, "unifiedStatus", level, STATUS_WARNING, STATUS_REJECTED,
-                                          request, {"status": status}, actions) or halt
-        _run(actions)
-        return halt
+                detail = {"status": status}
+                if metric.startswith("status:"):
+                    detail["window"] = metric[len("status:"):]
+                out.append((metric, level, STATUS_WARNING, STATUS_REJECTED, detail))
+        return out
 
     def cross(self, account, metric, level, request, detail, warn_reason, halt_reason, cooldown_until=None):
         """A threshold trip from outside (budgets): fire on an upward crossing of `level`."""
@@ -315,15 +361,20 @@ class Guard:
 
     def _warn_locked(self, reason, request, detail, actions):
         self.warnings += 1
-        now = self._clock()
         event = {"timestamp": self._now_ms(), "reason": reason, "request": dict(request),
                  "detail": dict(detail or {})}
         self._publish("overage_warn", event)
-        last = self._last_warn_notify.get(reason)
-        notify = last is None or now - last >= WARN_NOTIFY_INTERVAL_S
-        if notify:
-            self._last_warn_notify[reason] = now
+        notify = self._may_notify_locked(reason)
         actions.append(lambda: self._announce_warn(event, notify))
+
+    def _may_notify_locked(self, reason):
+        """Desktop notifications of warnings: at most one a minute per reason."""
+        now = self._clock()
+        last = self._last_warn_notify.get(reason)
+        if last is not None and now - last < WARN_NOTIFY_INTERVAL_S:
+            return False
+        self._last_warn_notify[reason] = now
+        return True
 
     def _start_timer_locked(self, halt):
         old = self._timers.pop(halt.account, None)
@@ -435,8 +486,9 @@ class Guard:
             self._notifier.notify(*guardtext.warn_notification(event))
         self._alert("warn", event)
 
-    def blocked_response(self, halt, now_ms):
+    def blocked_response(self, halt, now_ms=None):
         """(headers, body) of the 503 a guarded request gets while `halt` holds."""
+        now_ms = self._now_ms() if now_ms is None else now_ms
         return guardtext.blocked_response(halt.public(), now_ms, self.resume_command)
 
 

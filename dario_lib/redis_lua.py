@@ -173,7 +173,8 @@ end
 # [6] reservation id ("" for none), [7] micro-dollars, [8] ttl ms,
 # [9…] budgets, four arguments each: scope, window ms, limit micro-dollars, and the field in
 # `levels` of the budget's crossing ("" for none).
-# Returns {lost, now, marker, status, refused budget (1-based, 0 none), spent, reserved, halt…}
+# Returns {lost, now, marker, status, refused budget (1-based, 0 none), spent, reserved,
+#          n, n halts this call cleared (their cooldown had passed), the blocking halts…}
 GATE = PRELUDE + r"""
 local known, account, id = ARGV[4], ARGV[5], ARGV[6]
 local lost = 0
@@ -194,13 +195,18 @@ if known ~= '' and marker ~= known and redis.call('SISMEMBER', P .. 'lost', know
   if redis.call('HSETNX', P .. 'halts', '*', halt) == 1 then publish('overage_halt', halt) end
 end
 
-local blocking = {}
+local blocking, cleared = {}, {}
 local keys = {'*'}
 if account ~= '' and account ~= '*' then keys[2] = account end
 for _, key in ipairs(keys) do
   local halt = redis.call('HGET', P .. 'halts', key)
   if halt then
-    if expired(halt) then remove_halt(key, halt, 'cooldown') else blocking[#blocking + 1] = halt end
+    if expired(halt) then
+      remove_halt(key, halt, 'cooldown')
+      cleared[#cleared + 1] = halt
+    else
+      blocking[#blocking + 1] = halt
+    end
   end
 end
 
@@ -235,7 +241,10 @@ elseif id ~= '' then
     end
   end
 end
-return {lost, now, marker, status, refused, at_spent, at_reserved, unpack(blocking)}
+local out = {lost, now, marker, status, refused, at_spent, at_reserved, #cleared}
+for _, halt in ipairs(cleared) do out[#out + 1] = halt end
+for _, halt in ipairs(blocking) do out[#out + 1] = halt end
+return out
 """
 
 # ARGV[4] reservation id, [5] account, [6] micro-dollars, [7] how long to remember the id (ms),
@@ -312,29 +321,36 @@ end
 return out
 """
 
-# ARGV[4] field (JSON [key, metric]), [5] level ("" for none), [6] halt key, [7] halt JSON
-# ("" for none): set, with the level, when the level rises to "halt" and no halt is in place.
-# Returns {previous level or nil, the halt set or nil}.
+# ARGV[4…] crossings, four arguments each: field (JSON [key, metric]), level ("" for none),
+# halt key, halt JSON ("" for none): the halt is set, with the level, when the level rises to
+# "halt" and no halt is in place. One call records every crossing a response or a settle saw.
+# Returns {previous level or nil, the halt set or nil} for each crossing, in order.
 CROSS = PRELUDE + r"""
 local rank = {warn = 1, halt = 2}
-local previous = redis.call('HGET', P .. 'levels', ARGV[4])
-if ARGV[5] == '' then
-  if previous then redis.call('HDEL', P .. 'levels', ARGV[4]) end
-elseif previous ~= ARGV[5] then
-  redis.call('HSET', P .. 'levels', ARGV[4], ARGV[5])
-end
-local created = false
-if ARGV[7] ~= '' and ARGV[5] == 'halt' and (rank[previous] or 0) < 2 then
-  local current = redis.call('HGET', P .. 'halts', ARGV[6])
-  if current and expired(current) then
-    remove_halt(ARGV[6], current, 'cooldown')
-    current = false
+local out = {}
+for i = 4, #ARGV, 4 do
+  local field, level, key, halt = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local previous = redis.call('HGET', P .. 'levels', field)
+  if level == '' then
+    if previous then redis.call('HDEL', P .. 'levels', field) end
+  elseif previous ~= level then
+    redis.call('HSET', P .. 'levels', field, level)
   end
-  if not current then
-    redis.call('HSET', P .. 'halts', ARGV[6], ARGV[7])
-    publish('overage_halt', ARGV[7])
-    created = ARGV[7]
+  local created = false
+  if halt ~= '' and level == 'halt' and (rank[previous] or 0) < 2 then
+    local current = redis.call('HGET', P .. 'halts', key)
+    if current and expired(current) then
+      remove_halt(key, current, 'cooldown')
+      current = false
+    end
+    if not current then
+      redis.call('HSET', P .. 'halts', key, halt)
+      publish('overage_halt', halt)
+      created = halt
+    end
   end
+  out[#out + 1] = previous
+  out[#out + 1] = created
 end
-return {previous, created}
+return out
 """

@@ -7,7 +7,8 @@ What it guarantees (the scripts are in `redis_lua.py`, each one atomic on the se
   namespace. A halt is set only if none is there; clearing can name the halt's id, so a
   late cooldown timer of one gateway cannot clear a newer halt. A halt whose
   `cooldownUntil` has passed is cleared by whichever gateway looks first (its timer, or
-  the next `gate`), once, with one resume event.
+  the next `gate`, which returns it in `cleared` so that gateway announces it), once,
+  with one resume event.
 - `gate()` checks the halts and, when asked, reserves a request's worst-case cost, in
   ONE round trip: refused when a budget's spend is under its limit but spend plus the
   reservations in flight reach it, as one gateway does today. So across any number of
@@ -18,7 +19,8 @@ What it guarantees (the scripts are in `redis_lua.py`, each one atomic on the se
   settling after expiry still counts the cost, once. A settle that fails (Redis down)
   is kept and retried by the heartbeat until it lands.
 - `cross()` records a threshold level and returns the previous one atomically: only
-  the gateway that saw the upward crossing fires.
+  the gateway that saw the upward crossing fires. `crosses()` records several (all a
+  response or a settle saw) in the same single round trip.
 - Lost state: each gateway remembers the namespace's marker (in memory and in the file
   `marker_path`). When `gate()` finds it gone or replaced by an unknown one, Redis lost
   its state; the same script writes a gateway-wide halt with reason `store_state_lost`
@@ -133,6 +135,7 @@ class Gate:
     reserved: bool          # the reservation is held (settle it)
     refusal: Refusal        # or None
     now_ms: int             # Redis's clock
+    cleared: tuple = ()     # halts whose cooldown had passed, cleared by this call (announce them)
 
 
 def new_id():
@@ -223,13 +226,15 @@ class RedisStore:
             args[2:4] = [reserve.id, to_micro(reserve.usd, up=True)]
             for budget in budgets:
                 args += _budget_args(budget)
-        lost, now, marker, status, refused, spent, held, *halts = self._run("gate", args)
+        lost, now, marker, status, refused, spent, held, n_cleared, *halts = self._run("gate", args)
         self._adopt(marker, lost)
         if status == "reserved":
             with self._lock:
                 self._in_flight.add(reserve.id)
         refusal = Refusal(budgets[refused - 1], spent, held) if status == "refused" else None
-        return Gate(tuple(json.loads(h) for h in halts), bool(lost), status == "reserved", refusal, now)
+        cleared = tuple(json.loads(h) for h in halts[:n_cleared])
+        return Gate(tuple(json.loads(h) for h in halts[n_cleared:]), bool(lost), status == "reserved", refusal,
+                    now, cleared)
 
     def settle(self, reservation_id, account, usd, budgets=()):
         """Replace a reservation with the metered cost; idempotent per id (None: a cost
@@ -301,12 +306,21 @@ class RedisStore:
         (previous level, the halt set or None). The caller fires only on an upward
         change, so one gateway fires per crossing. With `halt` (Halt.public()'s dict) and
         a rise to "halt", the same script sets it under `key` unless a halt is there."""
-        halt_json = ""
-        if halt is not None:
-            halt_json = json.dumps(dict(halt, id=halt.get("id") or new_id(), gateway=self.gateway_id))
-        previous, created = self._run("cross", [_crossing_field(key, metric), level or "",
-                                                _halt_key(key), halt_json])
-        return previous, json.loads(created) if created else None
+        return self.crosses([(key, metric, level, halt)])[0]
+
+    def crosses(self, items):
+        """`cross()` for several (key, metric, level, halt) at once, in one round trip:
+        [(previous level, the halt set or None)], in order."""
+        args = []
+        for key, metric, level, halt in items:
+            halt_json = ""
+            if halt is not None:
+                halt_json = json.dumps(dict(halt, id=halt.get("id") or new_id(), gateway=self.gateway_id))
+            args += [_crossing_field(key, metric), level or "", _halt_key(key), halt_json]
+        if not args:
+            return []
+        flat = self._run("cross", args)
+        return [(flat[i], json.loads(flat[i + 1]) if flat[i + 1] else None) for i in range(0, len(flat), 2)]
 
     def publish(self, kind, data):
         """Send an event (e.g. "overage_warn") to the other gateways."""

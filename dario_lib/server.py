@@ -16,6 +16,10 @@ It also bounds the gateway:
 - `drain()` stops accepting, closes `/analytics/stream` subscribers at once and gives
   forwarded requests in flight up to ten seconds to finish.
 
+The guard and the budgets live in `$DARIO_HOME` (guard-state.json, the spend ledger)
+unless `store.url` names a Redis store a team of gateways shares (`team.TeamGuard`,
+`team_budgets.TeamBudgets`); `self.team` is that store, or None.
+
 `run()` is the `proxy` command: bind, announce, serve until SIGINT/SIGTERM, drain.
 """
 
@@ -44,7 +48,10 @@ from .handler import Handler
 from .linger import Lingerer, MAX_SOCKETS as LINGER_SOCKETS
 from .notify import Notifier, secrets_of
 from .records import RecordStore
+from .redis_store import MissingDependency, open_store
 from .statefile import StateFile
+from .team import TeamGuard
+from .team_budgets import TeamBudgets
 from .upstream import Upstream
 from .watchdog import Watchdog
 from .reply import prebuilt
@@ -140,6 +147,8 @@ class GatewayServer(ThreadingHTTPServer):
 
     def __init__(self, settings, *, clock=time.time, timer_factory=threading.Timer,
                  notifier=None, heartbeat_s=25.0, max_connections=None, bus=None):
+        # Before binding: without the redis package this raises MissingDependency.
+        self.team = open_store(settings.store, marker_path=os.path.join(settings.home, "store-marker.json"))
         self.address_family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
         super().__init__((settings.host, settings.port), Handler)
         self.settings = settings
@@ -157,10 +166,13 @@ class GatewayServer(ThreadingHTTPServer):
         self.notifier = notifier if notifier is not None else Notifier(settings.guard.notify_os, secrets=secrets)
         self.alerts = Alerts(settings.notify_command, settings.notify_webhook,
                              origin=f"dario@{socket.gethostname()}:{self.server_address[1]}", secrets=secrets)
-        self.guard = Guard(settings.guard, bus=self.bus, notifier=self.notifier, alerts=self.alerts,
-                           state_file=StateFile(os.path.join(settings.home, "guard-state.json")),
-                           clock=clock, timer_factory=timer_factory,
-                           resume_command=guardtext.resume_command(self.server_address[1]))
+        shared = dict(bus=self.bus, notifier=self.notifier, alerts=self.alerts, clock=clock,
+                      timer_factory=timer_factory, resume_command=guardtext.resume_command(self.server_address[1]))
+        if self.team is None:
+            self.guard = Guard(settings.guard, state_file=StateFile(os.path.join(settings.home, "guard-state.json")),
+                               **shared)
+        else:
+            self.guard = TeamGuard(settings.guard, self.team, fail_open=settings.store.fail_open, **shared)
         self.budgets = self._budgets(settings)
         self.watchdog = Watchdog().start()
         self.tracker = Tracker()
@@ -173,6 +185,8 @@ class GatewayServer(ThreadingHTTPServer):
         self._serve_thread = None
 
     def _budgets(self, settings):
+        if self.team is not None:
+            return TeamBudgets(settings.guard.budgets, self.team, self.guard)
         ledger = Ledger(os.path.join(settings.home, "spend-ledger.jsonl"))
         return Budgets(settings.guard.budgets, ledger, self.guard, self.clock)
 
@@ -321,9 +335,11 @@ class GatewayServer(ThreadingHTTPServer):
         settings, which are swapped in as one reference.
         """
         old = self.settings
-        restart = [name for name, attr in (("host", "host"), ("port", "port"), ("maxRecords", "max_records"))
+        restart = [name for name, attr in (("host", "host"), ("port", "port"), ("maxRecords", "max_records"),
+                                           ("store", "store"))
                    if getattr(old, attr) != getattr(settings, attr)]
-        settings = dataclasses.replace(settings, host=old.host, port=old.port, max_records=old.max_records)
+        settings = dataclasses.replace(settings, host=old.host, port=old.port, max_records=old.max_records,
+                                       store=old.store)
         if _upstream_key(settings) != _upstream_key(old):
             # The old session is left to in-flight requests and the garbage collector.
             self.upstream = _upstream(settings)
@@ -345,7 +361,8 @@ class GatewayServer(ThreadingHTTPServer):
         return restart
 
     def status(self):
-        halt = self.guard.snapshot()
+        halts = self.guard.halts()
+        halt = halts[0] if halts else None
         summary = self.store.summary()
         settings = self.settings
         return {
@@ -361,13 +378,14 @@ class GatewayServer(ThreadingHTTPServer):
                 "state": "halted" if halt else "normal",
                 "halt": halt.public() if halt else None,
                 "config": self.guard.config.public(),
-                "halts": [h.public() for h in self.guard.halts()],
+                "halts": [h.public() for h in halts],
                 "trips": dict(self.guard.trips),
                 "warnings": self.guard.warnings,
                 "guards": self.guard.config.guards(),
                 "resumeCommand": self.guard.resume_command,
             },
             "budgets": self.budgets.status(),
+            "store": self.guard.status() if self.team is not None else {"kind": "file", "home": settings.home},
             "alerts": {"command": bool(settings.notify_command), "webhook": bool(settings.notify_webhook)},
             "requests": summary["requests"],
             "outcomes": summary["outcomes"],
@@ -442,7 +460,7 @@ def run(settings, reload=None):
     limit = raise_fd_limit()
     try:
         server = GatewayServer(settings)
-    except ValueError as err:               # an unusable proxy or CA file
+    except (ValueError, MissingDependency) as err:   # an unusable proxy or CA file; no redis package
         log.error("%s", err)
         return 2
     except OSError as err:
@@ -474,6 +492,10 @@ def run(settings, reload=None):
              "off" if not guard.enabled else guard.behavior,
              "" if not guard.enabled or guard.behavior != "halt" else
              f", cooldown {guard.cooldown_ms // 1000}s" if guard.cooldown_ms else ", manual resume")
+    if server.team is not None:
+        log.info("team store: %s, namespace %s; this gateway is %s; %s while it is unavailable",
+                 server.team.host, server.team.namespace, server.team.gateway_id,
+                 "forwarding (failOpen)" if settings.store.fail_open else "503 store_unavailable")
     if settings.api_key:
         log.info("gateway auth is on: clients send x-dario-api-key or Proxy-Authorization")
     if limit is not None and server.max_connections < MAX_CONNECTIONS:

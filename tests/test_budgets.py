@@ -95,8 +95,8 @@ def test_a_cost_that_is_not_a_number_charges_the_reservation(tmp_path):
 
     book = Ledger(str(tmp_path / "spend-ledger.jsonl"))
     spend = budgets.Budgets([Budget("*", 100.0, "1d", 86_400_000)], book, Guard())
-    reservation = spend.reserve("a", "claude-opus-4-5", 100, 1000)
     worst = worst_case_usd("claude-opus-4-5", 100, 1000)
+    reservation = spend.reserve("a", worst)
     spend.settle(reservation, "a", float("nan"), {})
     assert spend.status()[0]["spentUsd"] == pytest.approx(worst)
     assert [usd for _, _, usd in book.load()] == [pytest.approx(worst)]

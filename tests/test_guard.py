@@ -136,6 +136,25 @@ def test_blocked_response_says_how_to_resume(rig):
     assert guard_mod.iso(halt.cooldown_until) in message
 
 
+def test_admit_answers_a_halt_a_refusal_or_a_ticket_to_settle(rig, tmp_path):
+    from dario_lib.budgets import Budgets, Ledger
+    from dario_lib.config import Budget
+    book = Budgets([Budget("*", 1.0, "1d", 86_400_000)], Ledger(str(tmp_path / "ledger.jsonl")), rig.guard,
+                   rig.clock)
+    assert rig.guard.admit("k") == guard_mod.GO                     # no budgets: nothing to hold
+    first, second = rig.guard.admit("k", book, 0.6), rig.guard.admit("k", book, 0.5)
+    assert first.response is None and first.ticket.budgets is book and first.ticket.worst_usd == 0.6
+    headers, body = rig.guard.admit("k", book, 0.1).response         # 1.1 held fills the $1 budget
+    assert headers == {"Retry-After": "5"} and "fully committed" in body["error"]["message"]
+    first.ticket.settle("k", float("nan"), {})      # a cost that is not a number charges the worst case
+    second.ticket.settle("k", 0.1, {})
+    assert book.status()[0]["spentUsd"] == pytest.approx(0.7) and book.status()[0]["reservedUsd"] == 0
+    rig.guard.observe(rate("api", claim="api"), REQUEST)
+    headers, body = rig.guard.admit("k", book, 0.1).response
+    assert headers["x-should-retry"] == "false" and body["error"]["type"] == "dario_overage_guard"
+    assert book.status()[0]["reservedUsd"] == 0                     # a halted request holds nothing
+
+
 def test_warn_never_halts_and_notifies_once_a_minute(tmp_path):
     rig = Rig(tmp_path, behavior="warn")
     for _ in range(3):

@@ -118,7 +118,9 @@ def test_twenty_simultaneous_requests_cannot_overrun_a_nearly_spent_budget(sim, 
         one_reservation = (len(json.dumps(MESSAGE)) * 6.25 + 100 * 25) / 1e6
         assert spent <= budget + one_reservation
         assert len(sim.requests) == admitted
-        # Settled spend crossed the limit: the guard halted with the budget named.
+        # Settled spend crossed the limit: the guard halted with the budget named. (The last
+        # request's record is added just before its cost is settled: wait for the settle.)
+        assert wait_until(lambda: gateway.guard.snapshot() is not None)
         blocked = post(gateway)
         assert blocked.status_code == 503 and blocked.json()["error"]["reason"] == "budget_exceeded"
         assert "$0.01 budget per 1d" in blocked.json()["error"]["message"]

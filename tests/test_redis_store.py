@@ -167,7 +167,9 @@ def test_a_halt_past_its_cooldown_is_cleared_once_by_whoever_looks_first(make_st
     assert len(b.gate("x").halts) == 1
     for store in (a, b):
         store.clock_offset_ms = 11_000              # every gateway's timer died with it
-    assert b.gate("x").halts == () and a.gate("x").halts == () and a.halts() == {}
+    first = b.gate("x")
+    assert first.halts == () and [h["reason"] for h in first.cleared] == ["overage_detected"]
+    assert a.gate("x").cleared == () and a.gate("x").halts == () and a.halts() == {}
     # An expired halt does not keep a new one out.
     created, _ = a.put_halt(None, a_halt(since=now, cooldown_until=now + 5_000))
     assert created and b.gate("x").halts == ()
@@ -205,6 +207,18 @@ def test_a_crossing_fires_once_for_the_team(make_store):
     assert stores[2].cross(None, "util5h", "halt", halt=a_halt()) == ("halt", None)   # same crossing
     assert stores[2].cross(None, "util5h", None) == ("halt", None)                    # back under
     assert stores[0].cross(None, "util5h", "halt", halt=a_halt())[1]["gateway"] == "A"  # a new one
+
+
+def test_several_crossings_are_recorded_in_one_call(make_store):
+    a, b = make_store("A"), make_store("B")
+    assert a.crosses([]) == []
+    got = a.crosses([(None, "util5h", "warn", None), (None, "util7d", "halt", a_halt(reason="utilization_threshold")),
+                     ("alice", "unifiedStatus", None, None)])
+    assert [previous for previous, _ in got] == [None, None, None]
+    assert got[0][1] is None and got[1][1]["gateway"] == "A" and got[2][1] is None
+    again = b.crosses([(None, "util5h", "warn", None), (None, "util7d", "halt", a_halt())])
+    assert again == [("warn", None), ("halt", None)]
+    assert list(b.halts()) == ["*"]
 
 
 # -- budgets -------------------------------------------------------------------------

@@ -1,0 +1,229 @@
+"""Benchmarks of a team of gateways on one Redis (`--store=redis`, issue 13).
+
+`team_figures(kids, sim_port, tmp, redis_url)` measures, in one run and against the same
+simulator, a gateway on the file store and gateways on a Redis store:
+
+- `latency`: added p50/p99 per request (one keep-alive client, non-streamed, as
+  `scenarios.latency`): each gateway's figure minus the simulator's own, measured here.
+- `throughput`: requests/s at 16 clients (`loadgen.run_load` through `scenarios.throughput`).
+- `halt`: cross-gateway halt-to-block. Clients hammer gateways B and C while one overage
+  answer goes through gateway A; `late` counts requests sent to B or C after A's
+  halting headers reached A's client that still reached the upstream (target 0).
+- `budget`: three gateways share a $1 budget; 16 clients send mixed requests
+  (`guards._kinds`) spread over the three; what escaped is the upstream's bill beyond
+  the budget (target: at most one request's reservation).
+
+Every gateway is a `python dario.py proxy` child with its own DARIO_HOME; each scenario
+uses its own Redis namespace, so none sees another's halts or spend. `start_redis(kids,
+workdir)` starts redis-server (AOF on, as the README recommends) as one of the `kids`.
+Runs on the benchmark's main thread; client threads are named and joined.
+"""
+
+import itertools
+import random
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+
+import guards
+import procs
+import scenarios
+from rawhttp import Connection, build_request, message_body
+
+_REDIS_READY_S = 10.0
+
+
+def start_redis(kids, workdir):
+    """redis-server on a free loopback port, files in `workdir`, stopped with the kids.
+    Returns its URL. Raises procs.StartError when it is not installed or does not come up."""
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not os.access(binary, os.X_OK):
+        raise procs.StartError("redis-server is not installed (Debian package redis-server)")
+    os.makedirs(workdir, exist_ok=True)
+    port = procs.free_port()
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", workdir, "--save", "",
+            "--appendonly", "yes", "--appendfsync", "everysec", "--daemonize", "no"]
+    child = kids.spawn("redis", argv, port=port, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    procs.wait_for_port(port, _REDIS_READY_S, child)
+    return f"redis://127.0.0.1:{port}/0"
+
+
+def _gateway(kids, sim_port, tmp, name, config):
+    home = os.path.join(tmp, name)
+    os.makedirs(home)
+    with open(os.path.join(home, "config.json"), "w") as f:
+        json.dump(config, f)
+    return kids.dario(sim_port, home)
+
+
+def _store(redis_url, namespace):
+    return {"store": {"url": redis_url, "namespace": namespace}}
+
+
+def team_figures(kids, sim_port, tmp, redis_url=None, latency_requests=2000, latency_warmup=200,
+                 load_seconds=5.0, load_warmup_s=1.0, halt_runs=10, halt_clients=32, budget_requests=200,
+                 sim_pid=None):
+    """Every team figure (see the module docstring) as a dict; `redis_url` None starts one."""
+    tmp = os.path.join(tmp, "team")
+    os.makedirs(tmp, exist_ok=True)
+    if redis_url is None:
+        redis_url = start_redis(kids, os.path.join(tmp, "redis"))
+    figures = {"redis": redis_url}
+    file_gateway = _gateway(kids, sim_port, tmp, "file", {})
+    redis_gateway = _gateway(kids, sim_port, tmp, "redis", _store(redis_url, "bench-latency"))
+    direct = scenarios.Target("direct", sim_port, sim_pid or file_gateway.pid)
+    targets = [scenarios.Target("file", file_gateway.port, file_gateway.pid),
+               scenarios.Target("redis", redis_gateway.port, redis_gateway.pid)]
+
+    scenarios.reset_simulator(sim_port)
+    base = scenarios.latency(direct, latency_requests, latency_warmup)
+    figures["latency"] = {"direct": base}
+    for target in targets:
+        scenarios.reset_simulator(sim_port)
+        got = scenarios.latency(target, latency_requests, latency_warmup)
+        got["added_p50_ms"] = got["p50_ms"] - base["p50_ms"]
+        got["added_p99_ms"] = got["p99_ms"] - base["p99_ms"]
+        figures["latency"][target.name] = got
+    figures["throughput"] = {}
+    for target in targets:
+        scenarios.reset_simulator(sim_port)
+        figures["throughput"][target.name] = scenarios.throughput(
+            target, 16, load_seconds, processes=2, sim_pid=sim_pid, warmup_s=load_warmup_s)
+    figures["redis_store"] = _http_json(redis_gateway.port, "/status").get("store")
+    kids.stop(file_gateway)
+    kids.stop(redis_gateway)
+
+    trio = [_gateway(kids, sim_port, tmp, f"halt-{n}", _store(redis_url, "bench-halt")) for n in range(3)]
+    figures["halt"] = cross_halt_to_block(trio[0], trio[1:], sim_port, halt_runs, halt_clients)
+    for child in trio:
+        kids.stop(child)
+
+    config = dict(_store(redis_url, "bench-budget"),
+                  guards={"budgets": [{"account": "*", "usd": guards.BUDGET_USD, "window": "1d"}]})
+    trio = [_gateway(kids, sim_port, tmp, f"budget-{n}", config) for n in range(3)]
+    figures["budget"] = team_budget_escape(trio, sim_port, budget_requests)
+    for child in trio:
+        kids.stop(child)
+    return figures
+
+
+# -- cross-gateway halt-to-block ---------------------------------------------------------
+
+def cross_halt_to_block(trigger_gateway, others, sim_port, runs, clients=32):
+    """`runs` halt runs: clients on `others`, the overage answer through `trigger_gateway`."""
+    per_run = [_halt_run(trigger_gateway, others, sim_port, clients, run_id=n) for n in range(runs)]
+    _http_json(trigger_gateway.port, "/admin/resume", {})
+    scenarios.reset_simulator(sim_port)
+    return {"runs": runs, "clients": clients, "gateways": 1 + len(others),
+            "late_total": sum(r["late"] for r in per_run),
+            "runs_with_late": sum(1 for r in per_run if r["late"]),
+            "sent_after_total": sum(r["sent_after"] for r in per_run),
+            "blocked_after_total": sum(r["blocked_after"] for r in per_run),
+            "in_flight_total": sum(r["in_flight"] for r in per_run),
+            "requests_total": sum(r["requests"] for r in per_run), "per_run": per_run}
+
+
+def _halt_run(trigger_gateway, others, sim_port, clients, run_id, lead_s=0.3, after_s=0.3):
+    scenarios.reset_simulator(sim_port)
+    _http_json(trigger_gateway.port, "/admin/resume", {})          # resumes the whole team
+    ids = itertools.count(1)
+    sent, status, lock, stop = {}, {}, threading.Lock(), threading.Event()
+    body = message_body()
+
+    def client(port):
+        with Connection(port, timeout=10) as conn:
+            while not stop.is_set():
+                rid = f"t{run_id}-{next(ids)}"
+                request = build_request(port, body=body, headers={"x-req-id": rid})
+                with lock:
+                    sent[rid] = time.monotonic_ns()
+                try:
+                    parser, sent_ns, _, _ = conn.exchange(request)
+                except OSError:
+                    conn.close()
+                    continue
+                with lock:
+                    sent[rid] = sent_ns
+                    status[rid] = parser.status
+
+    threads = [threading.Thread(target=client, args=(others[n % len(others)].port,), name=f"bench-team-hammer-{n}")
+               for n in range(clients)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(lead_s)
+        headers_at = []
+        trigger_status = scenarios._trigger(trigger_gateway.port, headers_at)
+        time.sleep(after_s)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    arrived = {r["id"]: r["arrived_ns"] for r in _http_json(sim_port, "/_sim/requests?since=0")["requests"]}
+    halt_ns = headers_at[0]
+    with lock:
+        sent_after = [rid for rid, t in sent.items() if t > halt_ns]
+        return {"trigger_status": trigger_status, "requests": len(sent), "sent_after": len(sent_after),
+                "late": sum(1 for rid in sent_after if rid in arrived),
+                "blocked_after": sum(1 for rid in sent_after if status.get(rid) == 503),
+                "in_flight": sum(1 for rid, t in sent.items() if t <= halt_ns and arrived.get(rid, 0) > halt_ns)}
+
+
+# -- budget overspend across three gateways ----------------------------------------------
+
+def team_budget_escape(gateways, sim_port, requests_total=200, clients=16, seed=7):
+    """guards.budget_escape's mixed requests, spread over `gateways` sharing one budget."""
+    scenarios.reset_simulator(sim_port)
+    rng = random.Random(seed)
+    kinds = guards._kinds()
+    jobs = []
+    for n in range(requests_total):
+        name, path, body, headers = kinds[n % len(kinds)]
+        hang_up = rng.randint(1, 1500) if name == "hang-up" else None
+        jobs.append((n, gateways[n % len(gateways)].port, path, json.dumps(body).encode(),
+                     dict(headers, **{"x-req-id": str(n)}), hang_up))
+    statuses, lock, queue = {}, threading.Lock(), list(jobs)
+
+    def client():
+        while True:
+            with lock:
+                if not queue:
+                    return
+                n, port, path, data, headers, hang_up = queue.pop(0)
+            got = guards._send(port, path, data, headers, hang_up)
+            with lock:
+                statuses[n] = got
+
+    threads = [threading.Thread(target=client, name=f"bench-team-budget-{i}") for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    time.sleep(0.5)                     # let hang-ups settle their costs
+    received = {r["id"] for r in _http_json(sim_port, "/_sim/requests?since=0")["requests"] if r["id"] is not None}
+    sizes = {str(n): len(data) for n, _, _, data, _, _ in jobs}
+    billed = sum(guards._upstream_bill(sizes[rid]) for rid in received if rid in sizes)
+    reservation = max(guards.budget_math.worst_case_usd(guards.MODEL, len(data), guards.MAX_TOKENS)
+                      for _, _, _, data, _, _ in jobs)
+    budgets = _http_json(gateways[0].port, "/status").get("budgets") or [{}]
+    return {"requests": requests_total, "clients": clients, "gateways": len(gateways),
+            "budget_usd": guards.BUDGET_USD, "reached_upstream": len(received),
+            "upstream_billed_usd": round(billed, 4), "dario_counted_usd": budgets[0].get("spentUsd"),
+            "escaped_usd": round(max(0.0, billed - guards.BUDGET_USD), 4),
+            "one_reservation_usd": round(reservation, 4),
+            "answered": {str(code): sum(1 for s in statuses.values() if s == code)
+                         for code in sorted({s for s in statuses.values() if s is not None})}}
+
+
+def _http_json(port, path, body=None):
+    """A control call: GET, or POST with a JSON body; the parsed answer ({} if not JSON)."""
+    method, payload = ("POST", json.dumps(body).encode()) if body is not None else ("GET", b"")
+    with Connection(port, timeout=10) as conn:
+        _, _, _, text = conn.exchange(build_request(port, path, payload, method=method))
+    try:
+        return json.loads(text)
+    except ValueError:
+        return {}
