@@ -49,6 +49,8 @@ BUDGET = "budget_exceeded"
 BUDGET_WARNING = "budget_warning"
 LEDGER = "budget_ledger_error"
 CORRUPT = "state_file_corrupt"
+STATE_LOST = "store_state_lost"
+UNAVAILABLE = "store_unavailable"
 
 DEFAULT_PORT = 3456
 DEFAULT_COMMAND = "dario resume"
@@ -62,6 +64,8 @@ REASON_NAMES = {
     BUDGET_WARNING: "spend budget nearly used",
     LEDGER: "spend ledger cannot be trusted",
     CORRUPT: "saved guard state unreadable",
+    STATE_LOST: "the team's shared state was lost",
+    UNAVAILABLE: "the team's store is unreachable",
 }
 WINDOWS = {"util5h": "5-hour", "util7d": "7-day", "overageUtil": "overage"}
 
@@ -156,6 +160,9 @@ def title(item):
         return "the spend ledger cannot be trusted"
     if reason == CORRUPT:
         return "the saved guard state is unreadable"
+    if reason == STATE_LOST:
+        return ("the team's Redis store came back empty: halts or spend may have been lost "
+                "(enable AOF persistence)")
     return reason_name(reason)
 
 
@@ -249,6 +256,15 @@ def blocked_response(halt, now_ms, command=DEFAULT_COMMAND):
     kind = "dario_overage_guard" if reason == OVERAGE else "dario_guard"
     body = wire.error_object(kind, message, reason=reason)
     return headers, body
+
+
+def unavailable_response(host, retry_s):
+    """(headers, body) of a guarded request held back while the team's store is
+    unreachable: retryable (Retry-After, no x-should-retry: false)."""
+    message = (f"dario cannot reach the team's Redis store ({host}) to check the team's halts and budgets, "
+               "so it is holding this request back (store.failOpen is off). It reconnects on its own: "
+               "retry shortly.")
+    return {"Retry-After": str(retry_s)}, wire.error_object("dario_guard", message, reason=UNAVAILABLE)
 
 
 def refusal_response(budget, spent, reserved):

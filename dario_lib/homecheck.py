@@ -23,7 +23,7 @@ try:
 except ImportError:                 # Windows: no POSIX owners, nothing is checked
     pwd = None
 
-FILES = ("config.json", "guard-state.json", "spend-ledger.jsonl")
+FILES = ("config.json", "guard-state.json", "spend-ledger.jsonl", "store-marker.json")
 
 
 def _user(uid):

@@ -44,7 +44,7 @@ from types import MappingProxyType
 from . import guardtext, statefile, wire
 from .budgets import Ticket
 from .guard import ALL, GO, OVERAGE, Guard, Halt, Verdict, _billing_signal, _run
-from .redis_store import ALL as STORE_ALL, STATE_LOST, UNAVAILABLE, Reserve, StoreUnavailable, new_id
+from .redis_store import ALL as STORE_ALL, STATE_LOST, Reserve, StoreUnavailable, new_id
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +53,6 @@ FAIL_OPEN_LINE_S = 60           # the loud line while failing open, at most this
 UNAVAILABLE_RETRY_S = 5
 RANK = {None: 0, "warn": 1, "halt": 2}
 _TEXT = 200                     # longest id, gateway or label taken from Redis
-
-
-def unavailable_response(host):
-    """(headers, body) of a guarded request held back while the store is unreachable:
-    retryable (Retry-After, no x-should-retry: false)."""
-    message = (f"dario cannot reach the team's Redis store ({host}) to check the team's halts and budgets, "
-               "so it is holding this request back (store.failOpen is off). It reconnects on its own: "
-               "retry shortly.")
-    return {"Retry-After": str(UNAVAILABLE_RETRY_S)}, wire.error_object("dario_guard", message, reason=UNAVAILABLE)
 
 
 def _text(value, default=None):
@@ -137,7 +128,7 @@ class TeamGuard(Guard):
     def _unavailable(self, account, budgets, worst_usd):
         self._note_down()
         if not self.fail_open:
-            return Verdict(unavailable_response(self.store.host))
+            return Verdict(guardtext.unavailable_response(self.store.host, UNAVAILABLE_RETRY_S))
         with self._lock:
             halt = self._halts.get(None) or (self._halts.get(account) if account is not None else None)
             now = self._clock()

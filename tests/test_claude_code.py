@@ -6,7 +6,6 @@ takes about half a second.
 """
 
 import json
-import time
 
 import pytest
 import requests

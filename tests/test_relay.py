@@ -7,7 +7,6 @@ import json
 import time
 import types
 
-import pytest
 
 from dario_lib import budgets as budgets_mod
 from dario_lib.events import EventBus
