@@ -29,6 +29,7 @@ import procs
 import pyspy
 import scenarios
 import table
+import team
 from rawhttp import build_request, message_body
 
 KB, MB = 1024, 1024 * 1024
@@ -144,6 +145,14 @@ def measure_all(args, plan, kids, tmp, figures):
         log("dario: 1024 stalled connections with maximal heads and bodies")
         figures["stalled_memory"] = guards.stalled_memory(kids, sim.port, _home(tmp, "home-stalled"))
 
+    if args.store == "redis":
+        log("team: file store vs Redis store, cross-gateway halt-to-block, a budget over 3 gateways")
+        figures["team"] = team.team_figures(
+            kids, sim.port, tmp, args.redis_url, latency_requests=plan.latency_requests,
+            latency_warmup=plan.latency_warmup, load_seconds=plan.load_seconds,
+            load_warmup_s=plan.load_warmup_s, halt_runs=args.runs,
+            budget_requests=60 if args.quick else 200, sim_pid=sim.pid)
+
     # Held streams go to a fresh gateway, so "after" can be compared with its idle RSS.
     fresh = kids.dario(sim.port, _home(tmp, "home-held"))
     time.sleep(0.5)
@@ -212,6 +221,10 @@ def parse_args(argv):
     parser.add_argument("--json", metavar="PATH", help="write all figures as JSON")
     parser.add_argument("--plot", metavar="PATH",
                         help="cost-growth PNG (default docs/benchmarks.png; none with --quick)")
+    parser.add_argument("--store", choices=("file", "redis"), default="file",
+                        help="redis: also measure gateways sharing a Redis store (issue 13's figures)")
+    parser.add_argument("--redis-url", metavar="URL",
+                        help="with --store=redis: use this Redis instead of starting redis-server")
     parser.add_argument("--profile", metavar="PATH",
                         help="also sample dario with py-spy under 16 clients (raw stacks to PATH)")
     args = parser.parse_args(argv)

@@ -226,6 +226,39 @@ def guard_rows(fig):
     return rows
 
 
+def team_rows(fig):
+    """--store=redis: the file store against the Redis store, in the same run."""
+    t = _get(fig, "team")
+    if not t:
+        return []
+    lat, tput = t["latency"], t["throughput"]
+    rows = []
+    for store in ("file", "redis"):
+        rows.append(Row(
+            f"team_{store}_latency", f"{store} store: added p50 / p99, 1 client (ms)",
+            {"direct": None, "dario": lat[store]["added_p50_ms"], "nginx": None},
+            {"direct": "-", "dario": f"+{lat[store]['added_p50_ms']:.2f} / +{lat[store]['added_p99_ms']:.2f}",
+             "nginx": "-"}, extra={"added_p99_ms": lat[store]["added_p99_ms"]}))
+        rps = tput[store]["rps"]
+        rows.append(Row(f"team_{store}_rps", f"{store} store: throughput, 16 clients (req/s)",
+                        {"direct": None, "dario": rps, "nginx": None},
+                        {"direct": "-", "dario": f"{rps:.0f} ({tput[store]['errors']} err)", "nginx": "-"}))
+    halt = t["halt"]
+    rows.append(Row("team_halt_late", f"cross-gateway halt-to-block: late requests ({halt['runs']} runs)",
+                    {"direct": None, "dario": halt["late_total"], "nginx": None},
+                    {"direct": "-", "dario": f"{halt['late_total']} (in {halt['runs_with_late']}/{halt['runs']} runs)",
+                     "nginx": "-"}, target="0 in every run", met=halt["runs_with_late"] == 0))
+    money = t["budget"]
+    rows.append(Row("team_budget_escaped_usd",
+                    f"$ escaped a ${money['budget_usd']:g} budget over {money['gateways']} gateways",
+                    {"direct": None, "dario": money["escaped_usd"], "nginx": None},
+                    {"direct": "-", "dario": f"${money['escaped_usd']:.3f} (billed ${money['upstream_billed_usd']:.2f})",
+                     "nginx": "-"},
+                    target=f"<= 1 reservation (${money['one_reservation_usd']:.3f})",
+                    met=money["escaped_usd"] <= money["one_reservation_usd"]))
+    return rows
+
+
 def growth_rows(fig):
     """Cost growth: latency p50 and RSS against clients, then against request body size."""
     rows = []
@@ -264,7 +297,7 @@ def startup_rows(fig):
 
 def build_rows(fig):
     return (latency_rows(fig) + throughput_rows(fig) + stream_rows(fig) + held_rows(fig)
-            + halt_rows(fig) + guard_rows(fig) + growth_rows(fig) + startup_rows(fig))
+            + halt_rows(fig) + guard_rows(fig) + team_rows(fig) + growth_rows(fig) + startup_rows(fig))
 
 
 def render(rows, has_nginx=True):

@@ -70,7 +70,7 @@ def team_figures(kids, sim_port, tmp, redis_url=None, latency_requests=2000, lat
     tmp = os.path.join(tmp, "team")
     os.makedirs(tmp, exist_ok=True)
     if redis_url is None:
-        redis_url = start_redis(kids, os.path.join(tmp, "redis"))
+        redis_url = start_redis(kids, os.path.join(tmp, "redis-server"))
     figures = {"redis": redis_url}
     file_gateway = _gateway(kids, sim_port, tmp, "file", {})
     redis_gateway = _gateway(kids, sim_port, tmp, "redis", _store(redis_url, "bench-latency"))
