@@ -17,6 +17,7 @@ window's numbers by the names the config uses.
 Pure functions, no state: safe from any thread.
 """
 
+import functools
 import re
 
 SUBSCRIPTION = "subscription"
@@ -50,7 +51,8 @@ HEADER_PREFIX = "anthropic-ratelimit-unified-"
 WINDOW_FIELDS = {"utilization": "utilization", "status": "status", "reset": "reset",
                  "surpassed-threshold": "surpassedThreshold"}
 WINDOW_NAME = r"[a-z0-9][a-z0-9_-]{0,31}"
-_WINDOW_HEADER = re.compile(re.escape(HEADER_PREFIX) + f"({WINDOW_NAME})-({'|'.join(WINDOW_FIELDS)})")
+_WINDOW_HEADER = re.compile(f"({WINDOW_NAME})-({'|'.join(WINDOW_FIELDS)})")     # a suffix after the prefix
+_PREFIX_LEN = len(HEADER_PREFIX)
 MAX_WINDOWS = 32            # a hostile upstream cannot grow a record past this
 # `overage` is shaped like a window (`overage-utilization`, `-status`, `-reset`) but is
 # the extra-usage pool, not a limit on the subscription: its status reads "rejected"
@@ -117,9 +119,22 @@ def _bounded(value, limit=64):
     return "".join(ch for ch in value if ch.isprintable())
 
 
-def _values(headers, suffix):
+def unified(headers):
+    """{suffix (lowercased): [values, in order]} of a response's unified rate-limit headers,
+    read off the headers' own lowercased index (on the hot path: no copy, no lower())."""
+    return {name[_PREFIX_LEN:]: values for name, values in headers.by_name()
+            # ASCII only: str.lower() can fold other letters into ASCII ones.
+            if name.startswith(HEADER_PREFIX) and len(name) > _PREFIX_LEN and name.isascii()}
+
+
+def _values(found, suffix):
     """Every value of a unified header, a comma-separated value counting as several."""
-    raw = headers.get_all(HEADER_PREFIX + suffix) or []
+    raw = found.get(suffix)
+    if not raw:
+        return []
+    if len(raw) == 1 and "," not in raw[0]:
+        value = raw[0].strip()
+        return [value] if value else [""]      # present and empty still counts (see below)
     values = [part.strip() for value in raw for part in value.split(",")]
     # Empty list elements are ignored (RFC 9110 5.6.1), but a header that is present
     # and empty still counts: as a claim, that is `other`, which trips.
@@ -147,10 +162,13 @@ def parse_ratelimit(headers, extra_subscription_claims=frozenset()):
     records or log lines; claims are classified before bounding, so trimming a
     claim can never make it look like a subscription one.
     """
-    def h(suffix):
-        return headers.get(HEADER_PREFIX + suffix)
+    found = unified(headers)
 
-    claims = _values(headers, "representative-claim")
+    def h(suffix):
+        values = found.get(suffix)
+        return values[0] if values else None
+
+    claims = _values(found, "representative-claim")
     claim = claims[0] if claims else None
     bucket, signal = classify(claim, extra_subscription_claims), None
     for value in claims:
@@ -159,9 +177,9 @@ def parse_ratelimit(headers, extra_subscription_claims=frozenset()):
             claim, bucket = value, value_bucket
             signal = f"representative-claim={_bounded(value)}"
             break
-    in_use = [_bool(v) for v in _values(headers, "overage-in-use")]
-    statuses = {v.lower() for v in _values(headers, "status")}
-    overage_statuses = {v.lower() for v in _values(headers, "overage-status")}
+    in_use = [_bool(v) for v in _values(found, "overage-in-use")]
+    statuses = {v.lower() for v in _values(found, "status")}
+    overage_statuses = {v.lower() for v in _values(found, "overage-status")}
     if signal is None and True in in_use:
         signal, bucket = "overage-in-use=true", EXTRA_USAGE
     if signal is None and "rejected" in statuses:
@@ -169,7 +187,7 @@ def parse_ratelimit(headers, extra_subscription_claims=frozenset()):
         if allowed:
             signal, bucket = f"status=rejected+overage-status={allowed[0]}", EXTRA_USAGE
     claim = _bounded(claim)
-    windows = parse_windows(headers)
+    windows = parse_windows(found)
     return {
         "claim": claim if claim is not None else "unknown",
         "bucket": bucket,
@@ -189,29 +207,36 @@ def parse_ratelimit(headers, extra_subscription_claims=frozenset()):
     }
 
 
-def parse_windows(headers):
-    """Every rate-limit window in the headers: {name: {utilization, status, reset,
-    surpassedThreshold}}, sorted by name, each field None when its header is absent.
+def parse_windows(found):
+    """Every rate-limit window among the unified headers (`unified()`'s dict): {name:
+    {utilization, status, reset, surpassedThreshold}}, sorted by name, each field None
+    when its header is absent.
 
     Names are lowercased; at most MAX_WINDOWS windows (the first in header order), and a
     header repeated keeps its first value, as the other unified headers do. `overage` is
     not a window here (see OVERAGE_WINDOW).
     """
-    found = {}
-    for name, value in headers.items():
-        # ASCII only: str.lower() folds some other letters into ASCII ones (KELVIN SIGN to k).
-        match = _WINDOW_HEADER.fullmatch(name.lower()) if name.isascii() else None
-        if match is None:
+    windows = {}
+    for suffix, values in found.items():
+        parts = _window_field(suffix)
+        if parts is None:
             continue
-        window, header_field = match.groups()
-        if window == OVERAGE_WINDOW or (window not in found and len(found) >= MAX_WINDOWS):
+        window, header_field = parts
+        if window == OVERAGE_WINDOW or (window not in windows and len(windows) >= MAX_WINDOWS):
             continue
-        fields = found.setdefault(window, dict.fromkeys(WINDOW_FIELDS.values()))
+        fields = windows.setdefault(window, dict.fromkeys(WINDOW_FIELDS.values()))
         key = WINDOW_FIELDS[header_field]
         if fields[key] is None:
             number = key in ("utilization", "surpassedThreshold")
-            fields[key] = _fraction(value) if number else _bounded(value) or None
-    return dict(sorted(found.items()))
+            fields[key] = _fraction(values[0]) if number else _bounded(values[0]) or None
+    return dict(sorted(windows.items()))
+
+
+@functools.lru_cache(maxsize=256)          # the few suffixes real answers carry, parsed once
+def _window_field(suffix):
+    """(window, field) for a unified header suffix such as `7d_sonnet-utilization`, or None."""
+    match = _WINDOW_HEADER.fullmatch(suffix)
+    return match.groups() if match else None
 
 
 def utilization(rate, metric):

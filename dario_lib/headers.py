@@ -42,7 +42,9 @@ class Headers:
 
     def add(self, name, value):
         self._items.append((name, value))
-        self._index.setdefault(name.lower(), []).append(value)
+        # Only ASCII names are folded: str.lower() turns some other letters into ASCII
+        # ones (KELVIN SIGN into k), which would let a foreign name pass for a known one.
+        self._index.setdefault(name.lower() if name.isascii() else name, []).append(value)
 
     def get(self, name, default=None):
         values = self._index.get(name.lower())
@@ -54,6 +56,10 @@ class Headers:
 
     def items(self):
         return list(self._items)
+
+    def by_name(self):
+        """(lowercased name, [values in order]) pairs: a read-only view, no copy."""
+        return self._index.items()
 
     def keys(self):
         return [name for name, _ in self._items]
