@@ -50,9 +50,9 @@ log = logging.getLogger(__name__)
 # Settings the running gateway cannot change: name -> what it runs with.
 RESTART = {"host": lambda server: server.settings.host, "port": lambda server: server.settings.port,
            "maxRecords": lambda server: server.settings.max_records,
-           # The gateway-wide allowances are sized once, at start.
-           "maxHeadBytesInFlight": lambda server: server.heads.limit,
-           "maxBodyBytesInFlight": lambda server: server.bodies.limit}
+           # The store a gateway keeps its halts and spend in is chosen once, at start.
+           **{name: (lambda server, attr=attr: getattr(server.settings.store, attr))
+              for name, attr in config._STORE_FIELD_OF.items()}}
 _FIELD_MAPS = ((None, config._FIELD_OF), ("guard", config._GUARD_FIELD_OF), ("store", config._STORE_FIELD_OF))
 _EDIT_LOCK = threading.Lock()
 

@@ -1,7 +1,9 @@
 """The `/analytics` report: windows, breakdowns, utilization trend and burn rate.
 
 Built from a `RecordStore`'s snapshot (last hour) and its running totals (all time;
-the cost billed outside the subscription from its per-series counters).
+the cost billed outside the subscription, and of extra usage, from its per-series
+counters); `extraUsage` is the extra-usage cap's spend in its rolling window, as the
+guard keeps it (`Guard.extra_usage_status`), when the caller passes it.
 Pure computation over copies: safe from any thread, never blocks request threads for
 longer than the copy takes.
 """
@@ -23,7 +25,7 @@ FIT_MAX_MINUTES = 300            # the 5h window resets before anything later th
 RESET_DROP = 0.05                # a fall this large is the window resetting: start over
 
 
-def _window(totals, non_subscription_cost):
+def _window(totals, non_subscription_cost, extra_usage_cost):
     requests = totals["requests"]
     buckets = totals["buckets"]
     claimed = requests - buckets.get(billing.UNKNOWN, 0)
@@ -46,6 +48,9 @@ def _window(totals, non_subscription_cost):
         # Answers billed outside the subscription (extra usage, API, other) and their cost.
         "nonSubscriptionRequests": sum(buckets.get(b, 0) for b in billing.NON_SUBSCRIPTION),
         "nonSubscriptionCostUsd": round(non_subscription_cost, 4),
+        # Of those, answers served from extra usage (what overageGuard.allowExtraUsage caps).
+        "extraUsageRequests": buckets.get(billing.EXTRA_USAGE, 0),
+        "extraUsageCostUsd": round(extra_usage_cost, 4),
     }
 
 
@@ -114,11 +119,12 @@ def _burn_rate(recent, now_ms):
             "util5hFullInMinutes": _minutes_to_full(samples)}
 
 
-def _non_subscription_cost(records):
-    return sum(r.get("costUsd") or 0.0 for r in records if r.get("bucket") in billing.NON_SUBSCRIPTION)
+def _cost(records, buckets):
+    return sum(r.get("costUsd") or 0.0 for r in records if r.get("bucket") in buckets)
 
 
-def report(store, clock=time.time):
+def report(store, clock=time.time, extra_usage=None):
+    """The report; `extra_usage`: Guard.extra_usage_status() (None: no cap configured)."""
     now_ms = int(clock() * 1000)
     recent = [r for r in store.snapshot() if r["timestamp"] >= now_ms - HOUR_MS]
     hour = new_totals()
@@ -127,11 +133,13 @@ def report(store, clock=time.time):
     all_time, per_model, per_account = store.totals_copy()
     series, _, _ = store.metrics_copy()
     all_time_cost = sum(c["costUsd"] for (_, _, bucket, _), c in series.items() if bucket in billing.NON_SUBSCRIPTION)
+    all_time_extra = sum(c["costUsd"] for (_, _, bucket, _), c in series.items() if bucket == billing.EXTRA_USAGE)
     latest = next((r for r in reversed(recent) if r.get("util5h") is not None), None)
     return {
         "generatedAt": now_ms,
-        "lastHour": _window(hour, _non_subscription_cost(recent)),
-        "allTime": _window(all_time, all_time_cost),
+        "lastHour": _window(hour, _cost(recent, billing.NON_SUBSCRIPTION), _cost(recent, (billing.EXTRA_USAGE,))),
+        "allTime": _window(all_time, all_time_cost, all_time_extra),
+        "extraUsage": extra_usage,
         "perModel": _keyed(per_model),
         "perAccount": _keyed(per_account),
         "utilization": {key: (latest or {}).get(key) for key in ("util5h", "util7d", "overageUtil")},

@@ -171,12 +171,13 @@ def parse_ratelimit(headers, extra_subscription_claims=frozenset()):
     claims = _values(found, "representative-claim")
     claim = claims[0] if claims else None
     bucket, signal = classify(claim, extra_subscription_claims), None
-    for value in claims:
-        value_bucket = classify(value, extra_subscription_claims)
-        if value_bucket in NON_SUBSCRIPTION:
-            claim, bucket = value, value_bucket
-            signal = f"representative-claim={_bounded(value)}"
-            break
+    # Of several non-subscription claims, one billed outside extra usage (api, unknown)
+    # wins over `overage`: a cap on extra usage must never let an API-billed answer pass.
+    tripping = [(value, b) for value, b in ((v, classify(v, extra_subscription_claims)) for v in claims)
+                if b in NON_SUBSCRIPTION]
+    if tripping:
+        claim, bucket = next((t for t in tripping if t[1] != EXTRA_USAGE), tripping[0])
+        signal = f"representative-claim={_bounded(claim)}"
     in_use = [_bool(v) for v in _values(found, "overage-in-use")]
     statuses = {v.lower() for v in _values(found, "status")}
     overage_statuses = {v.lower() for v in _values(found, "overage-status")}

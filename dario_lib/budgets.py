@@ -23,6 +23,18 @@ A reservation granted is a `Ticket`: it remembers the budgets object that grante
 (a config reload may replace the gateway's) and the worst case it held, and settles
 there. `team.TeamBudgets` keeps the same promises in the Redis store.
 
+The extra-usage cap (`overageGuard.allowExtraUsage`, read from the guard's settings) is
+kept by the same machinery, as a budget (`config.Budget` with `extra`) that counts only
+the cost of answers served from extra usage: per account label in `account` scope, of
+all traffic in `proxy` scope. A request reserves its worst case against the cap only
+while the guard says its account's last answer was served from extra usage (`capped`);
+it settles with `extra` saying whether its own answer was (if not, the cap's share is
+0, its cost still counts for budgets). Ledger entries of extra usage carry
+`"extra": true`. Past the cap, a capped request is refused until the guard records the
+crossing (`Refusal.past`: the guard then halts, `extra_usage_cap`); once recorded, the
+guard's halt decides, as for a budget. With a cap configured every guarded request gets
+a reservation, so an answer that turns out to be extra usage is counted.
+
 Thread-safe: all state is behind one lock; ledger appends happen under it (short writes).
 """
 
@@ -39,6 +51,7 @@ import time
 from typing import NamedTuple
 
 from . import files, guardtext, pricing
+from .guardtext import EXTRA_CAP, EXTRA_WARNING
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +64,7 @@ LEDGER_REASON = "budget_ledger_error"
 MAX_TIME_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 MAX_ENTRY_USD = 1e9
 MAX_ACCOUNT_CHARS = 200
+EXTRA_METRIC = "extra_usage"      # the guard's name for the extra-usage cap's crossing
 # The whole number token, however long: a 400-digit value must be seen, not its first digits.
 _MAX_TOKENS = re.compile(rb'"(?:max_tokens|max_completion_tokens|max_tokens_to_sample)"\s*:\s*(-?[0-9][0-9.eE+\-]*)')
 _DIGITS = re.compile(rb"[0-9]+")
@@ -146,21 +160,29 @@ def valid_usd(usd):
 
 
 def _entry(item):
-    """(t, account, usd) of one parsed ledger line, or None when it is not a trusted entry."""
+    """(t, account, usd, extra) of one parsed ledger line, or None when it is not a trusted entry."""
     if not isinstance(item, dict):
         return None
-    t, account, usd = item.get("t"), item.get("account"), item.get("usd")
+    t, account, usd, extra = item.get("t"), item.get("account"), item.get("usd"), item.get("extra", False)
     if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= MAX_TIME_MS:
         return None
     if not isinstance(account, str) or not 0 < len(account) <= MAX_ACCOUNT_CHARS:
         return None
-    if not valid_usd(usd):
+    if not valid_usd(usd) or not isinstance(extra, bool):
         return None
-    return t, account, float(usd)
+    return t, account, float(usd), extra
+
+
+def _line(t, account, usd, extra=False):
+    entry = {"t": t, "account": account, "usd": round(usd, 8)}
+    if extra:
+        entry["extra"] = True
+    return json.dumps(entry) + "\n"
 
 
 class Ledger:
-    """One JSON line per settled cost: {"t": epoch ms, "account": label, "usd": amount}.
+    """One JSON line per settled cost: {"t": epoch ms, "account": label, "usd": amount},
+    plus "extra": true for the cost of an answer served from extra usage.
 
     Opens go through a descriptor `Reserve` (files.process_reserve() by default), so an
     append still lands when the process is at its open-file limit.
@@ -182,7 +204,11 @@ class Ledger:
         return fd
 
     def load(self):
-        """[(t, account, usd)]. A torn last line (a crash mid-write) is skipped; any other
+        """[(t, account, usd)] of every entry; `entries()` also says which were extra usage."""
+        return [entry[:3] for entry in self.entries()]
+
+    def entries(self):
+        """[(t, account, usd, extra)]. A torn last line (a crash mid-write) is skipped; any other
         line that is not a trusted entry raises LedgerError."""
         try:
             fd = self._open(os.O_RDONLY)
@@ -208,14 +234,15 @@ class Ledger:
                 entry = None
             if entry is None:
                 raise LedgerError(f"{self.path} line {number} is not a ledger entry "
-                                  "(t: epoch ms, account: a label, usd: a finite amount >= 0)")
+                                  "(t: epoch ms, account: a label, usd: a finite amount >= 0, "
+                                  "extra: true or false if present)")
             entries.append(entry)
         return entries
 
-    def append(self, t, account, usd):
+    def append(self, t, account, usd, extra=False):
         if not valid_usd(usd):
             raise LedgerError(f"refusing to record a cost of {usd!r} in {self.path}")
-        line = json.dumps({"t": t, "account": account, "usd": round(usd, 8)}) + "\n"
+        line = _line(t, account, usd, extra)
         try:
             fd = self._open(os.O_WRONLY | os.O_APPEND | os.O_CREAT)
             try:
@@ -227,11 +254,11 @@ class Ledger:
         self.appended += 1
 
     def rewrite(self, entries):
+        """Replace the file with `entries`: (t, account, usd) or (t, account, usd, extra)."""
         entries = list(entries)
-        if not all(valid_usd(usd) for _, _, usd in entries):
+        if not all(valid_usd(entry[2]) for entry in entries):
             raise LedgerError(f"refusing to compact {self.path}: a total is not a finite amount")
-        lines = "".join(json.dumps({"t": t, "account": account, "usd": round(usd, 8)}) + "\n"
-                        for t, account, usd in entries)
+        lines = "".join(_line(*entry) for entry in entries)
         try:
             self._reserve.retry(lambda: files.write_atomic(self.path, lines.encode()))
         except OSError as err:
@@ -241,13 +268,28 @@ class Ledger:
 
 def crossing_metric(budget):
     """The name under which the guard records a budget's threshold crossing."""
+    if budget.extra:
+        return EXTRA_METRIC         # one cap per halt key: the key tells the accounts apart
     return f"budget:{budget.account}:{budget.window}:{budget.usd}"
 
 
 def budget_detail(budget, spent):
-    """The `detail` of a budget's warning or halt."""
+    """The `detail` of a budget's (or the extra-usage cap's) warning or halt."""
+    if budget.extra:
+        return cap_detail(budget, spent)
     return {"spentUsd": round(spent, 4), "budgetUsd": budget.usd, "window": budget.window,
             "budgetAccount": budget.account, "warnAt": budget.warn_at}
+
+
+def cap_detail(cap, spent):
+    """The `detail` of the extra-usage cap's warning or halt (`cap`: its Budget)."""
+    return {"spentUsd": round(spent, 4), "capUsd": cap.usd, "window": cap.window,
+            "capAccount": cap.account, "warnAt": cap.warn_at}
+
+
+def reasons(budget):
+    """(warn reason, halt reason) of a budget's crossings."""
+    return (EXTRA_WARNING, EXTRA_CAP) if budget.extra else (guardtext.BUDGET_WARNING, guardtext.BUDGET)
 
 
 def budget_level(budget, spent):
@@ -263,27 +305,33 @@ def _why(err):
 
 class Ticket(NamedTuple):
     """A request's budget reservation: settle it once, with the request's metered cost."""
-    budgets: object             # the Budgets (or team.TeamBudgets) that granted it
+    budgets: object             # what granted it: Budgets (or team's settler), settle(id, account, usd, request, extra)
     id: object                  # its reservation id there
     worst_usd: float            # what it held: the request's worst case
+    capped: bool = False        # it holds its worst case against the extra-usage cap too
 
-    def settle(self, account, usd, request):
+    def settle(self, account, usd, request, extra=False):
+        """`extra`: the answer was served from extra usage (its cost counts against the cap)."""
         if not valid_usd(usd):
             # A cost that is not a finite amount >= 0 means metering went wrong: charge
             # the reservation (the worst case), never zero, and never record NaN.
             log.warning("a request's cost came out as %r; charging its reservation ($%.4f)", usd, self.worst_usd)
             usd = self.worst_usd
-        self.budgets.settle(self.id, account, usd, request)
+        self.budgets.settle(self.id, account, usd, request, extra=extra)
 
 
 class Refusal:
-    """A request held back because reservations in flight already fill a budget."""
+    """A request held back because reservations in flight already fill a budget (or the
+    extra-usage cap). `past`: the cap's spend is past its limit and the guard has not
+    recorded that crossing yet (the guard records it, which halts, instead)."""
 
-    def __init__(self, budget, spent, reserved):
-        self.budget, self.spent, self.reserved = budget, spent, reserved
+    def __init__(self, budget, spent, reserved, past=False):
+        self.budget, self.spent, self.reserved, self.past = budget, spent, reserved, past
 
     def response(self):
         """(headers, body): retryable, with Retry-After: 5 (guardtext words it)."""
+        if self.budget.extra:
+            return guardtext.cap_refusal_response(self.budget.public(), self.spent, self.reserved)
         return guardtext.refusal_response(self.budget.public(), self.spent, self.reserved)
 
 
@@ -294,61 +342,115 @@ class Budgets:
         self._guard = guard
         self._clock = clock
         self._lock = threading.Lock()
-        self._minutes = collections.deque()      # [minute start ms, {account: usd}], oldest first
-        self._reserved = {}                      # reservation id -> (account, usd)
+        self._load_lock = threading.Lock()
+        self._loaded = False
+        # [minute start ms, {account: usd}, {account: usd of extra usage}], oldest first;
+        # a budget counts both, the extra-usage cap only the second.
+        self._minutes = collections.deque()
+        self._reserved = {}                      # reservation id -> (account, usd, held against the cap)
         self._next = 0
-        self._keep_ms = max((b.window_ms for b in self.budgets), default=0)
 
     @property
     def active(self):
-        return bool(self.budgets)
+        """Does any request need a reservation: a budget, or the extra-usage cap (whose
+        answers must be counted even when nothing is held against it)?"""
+        return bool(self.budgets) or self._cap() is not None
+
+    def _cap(self):
+        """The extra-usage cap as the guard applies it now (a reload may change it), or None."""
+        return self._guard.extra_usage_cap
+
+    def _cap_for(self, account):
+        cap = self._cap()
+        return None if cap is None else cap.budget(self._guard.cap_account(account))
+
+    def _keep_ms(self):
+        cap = self._cap()
+        return max([b.window_ms for b in self.budgets] + [cap.window_ms if cap else 0])
 
     def _now(self):
         return int(self._clock() * 1000)
 
     def start(self):
-        """Load the ledger (compacting it) and trip any budget already spent."""
+        """Load the ledger (compacting it) and trip any budget, or cap, already spent. Runs
+        once; a cap that appears on a reload loads it from the first request that needs it."""
         if not self.active:
             return
-        try:
-            entries = self._ledger.load()
-            with self._lock:
-                for t, account, usd in sorted(entries):
-                    self._add_locked(t, account, usd)
-                self._prune_locked(self._now())
-                self._ledger.rewrite(self._folded_locked())
-        except LedgerError as err:
-            self._fail(str(err))
+        with self._load_lock:           # a request that needs the ledger waits for it
+            if self._loaded:
+                return
+            try:
+                entries = self._ledger.entries()
+                with self._lock:
+                    for entry in sorted(entries):
+                        self._add_locked(*entry)
+                    self._prune_locked(self._now())
+                    self._ledger.rewrite(self._folded_locked())
+            except LedgerError as err:
+                failure = str(err)
+            else:
+                failure = None
+            self._loaded = True
+        if failure is not None:
+            self._fail(failure)
             return
         for budget in self.budgets:
             self._evaluate(budget, None if budget.account == "*" else budget.account, {})
+        if self._cap() is not None:
+            with self._lock:
+                accounts = {account for _, _, extra in self._minutes for account in extra}
+            keys = {self._guard.cap_account(account) for account in accounts}
+            for account in sorted(keys):
+                cap = self._cap_for(None if account == "*" else account)
+                if cap is not None:
+                    self._evaluate(cap, None if account == "*" else account, {})
 
     # -- the request path --------------------------------------------------------
 
-    def reserve(self, account, worst):
+    def reserve(self, account, worst, capped=False):
         """Hold `worst` (a request's worst-case cost, worst_case_usd()) against every budget
-        of this account: a reservation id, None (no budget applies), or a Refusal."""
+        of this account, and against the extra-usage cap when `capped` (the guard says the
+        account's last answer was served from extra usage): a reservation id, None (nothing
+        applies), or a Refusal."""
+        if not self._loaded:
+            self.start()
         applicable = [b for b in self.budgets if b.account in ("*", account)]
-        if not applicable:
+        cap = self._cap_for(account)
+        if not applicable and cap is None:
             return None
+        if capped and cap is not None:
+            applicable.append(cap)
+            # Read before this lock: the guard's lock is never taken inside it.
+            recorded = self._guard.level(account, EXTRA_METRIC)
         with self._lock:
             now = self._now()
             for budget in applicable:
                 spent = self._spent_locked(budget, now)
-                reserved = sum(usd for acct, usd in self._reserved.values() if budget.account in ("*", acct))
+                reserved = self._reserved_locked(budget)
                 # Past the limit the guard's halt decides (and a person may have resumed it).
                 if spent < budget.usd <= spent + reserved:
                     return Refusal(budget, spent, reserved)
+                if budget.extra and spent >= budget.usd and recorded != "halt":
+                    # Past the cap, and the guard has not recorded it (the settle that crossed
+                    # is on its way, or extra usage came back after the subscription served).
+                    return Refusal(budget, spent, reserved, past=True)
             self._next += 1
-            self._reserved[self._next] = (account, worst)
+            self._reserved[self._next] = (account, worst, bool(capped and cap is not None))
             return self._next
 
-    def settle(self, reservation, account, usd, request):
-        """Replace a reservation with the metered cost; trip the guard on a crossing."""
+    def crossed(self, refusal):
+        """Record the crossing of a budget (or cap) a Refusal found past its limit; the Halt
+        made, or None."""
+        budget = refusal.budget
+        return self._evaluate(budget, None if budget.account == "*" else budget.account, {})
+
+    def settle(self, reservation, account, usd, request, extra=False):
+        """Replace a reservation with the metered cost; trip the guard on a crossing.
+        `extra`: the answer was served from extra usage (its cost counts against the cap)."""
         if reservation is None:
             return
         with self._lock:
-            _, held = self._reserved.pop(reservation, (account, 0.0))
+            _, held, _ = self._reserved.pop(reservation, (account, 0.0, False))
             if not valid_usd(usd):
                 # A cost that is not a finite amount >= 0 means metering went wrong: charge
                 # the reservation (the worst case), never zero, and never write NaN.
@@ -356,10 +458,10 @@ class Budgets:
                 usd = held
             if usd > 0:
                 now = self._now()
-                self._add_locked(now, account, usd)
+                self._add_locked(now, account, usd, extra)
                 self._prune_locked(now)
                 try:
-                    self._ledger.append(now, account, usd)
+                    self._ledger.append(now, account, usd, extra)
                     if self._ledger.appended >= COMPACT_EVERY:
                         self._ledger.rewrite(self._folded_locked())
                 except LedgerError as err:
@@ -372,6 +474,9 @@ class Budgets:
             for budget in self.budgets:
                 if budget.account in ("*", account):
                     self._evaluate(budget, None if budget.account == "*" else account, request)
+            cap = self._cap_for(account) if extra else None
+            if cap is not None:
+                self._evaluate(cap, None if cap.account == "*" else account, request)
 
     def status(self):
         """Each budget with its current spend, for /status, /metrics and the TUI."""
@@ -380,46 +485,91 @@ class Budgets:
             out = []
             for budget in self.budgets:
                 spent = self._spent_locked(budget, now)
-                reserved = sum(usd for acct, usd in self._reserved.values() if budget.account in ("*", acct))
+                reserved = self._reserved_locked(budget)
                 out.append(dict(budget.public(), spentUsd=round(spent, 6), reservedUsd=round(reserved, 6)))
             return out
+
+    def extra_usage_status(self):
+        """The extra-usage cap and its spend, or None when there is none: {usd, window,
+        warnAt, scope, caps: [{account ("*": all traffic), spentUsd, reservedUsd,
+        inExtraUsage}]}: one cap in `proxy` scope, one per account seen in `account` scope."""
+        cap = self._cap()
+        if cap is None:
+            return None
+        if not self._loaded:
+            self.start()
+        account_scope = self._guard.config.scope == "account"
+        with self._lock:
+            now = self._now()
+            if account_scope:
+                since = now - cap.window_ms
+                labels = {a for minute, _, extra in self._minutes if minute + MINUTE_MS > since for a in extra}
+                labels |= {a for a, _, held in self._reserved.values() if held}
+            else:
+                labels = {"*"}
+            figures = []
+            for label in sorted(labels):
+                budget = cap.budget(label)
+                figures.append((label, self._spent_locked(budget, now), self._reserved_locked(budget)))
+        return dict(cap.public(), scope="account" if account_scope else "proxy",
+                    caps=[{"account": label, "spentUsd": round(spent, 6), "reservedUsd": round(reserved, 6),
+                           "inExtraUsage": self._guard.in_extra_usage(None if label == "*" else label)}
+                          for label, spent, reserved in figures])
 
     # -- internals ---------------------------------------------------------------
 
     def _evaluate(self, budget, account, request):
+        """Tell the guard this budget's level; the Halt it made, or None."""
         with self._lock:
             now = self._now()
             spent = self._spent_locked(budget, now)
             roll = self._roll_time_locked(budget, now, spent)
         level, detail = budget_level(budget, spent), budget_detail(budget, spent)
-        self._guard.cross(account, crossing_metric(budget), level, request, detail, guardtext.BUDGET_WARNING,
-                          guardtext.BUDGET, cooldown_until=roll)
+        warn_reason, halt_reason = reasons(budget)
+        return self._guard.cross(account, crossing_metric(budget), level, request, detail, warn_reason,
+                                 halt_reason, cooldown_until=roll)
 
     def _fail(self, why):
         log.error("the spend ledger failed (%s): halting, since budgets cannot be kept", why)
         self._guard.cross(None, "budget-ledger", "halt", {}, {"error": why[:200]}, LEDGER_REASON,
                           LEDGER_REASON)
 
-    def _add_locked(self, t, account, usd):
+    def _add_locked(self, t, account, usd, extra=False):
         minute = t - t % MINUTE_MS
         if self._minutes and self._minutes[-1][0] == minute:
-            bucket = self._minutes[-1][1]
+            entry = self._minutes[-1]
         else:
-            bucket = {}
-            self._minutes.append([minute, bucket])
+            entry = [minute, {}, {}]
+            self._minutes.append(entry)
+        bucket = entry[2] if extra else entry[1]
         bucket[account] = bucket.get(account, 0.0) + usd
 
     def _prune_locked(self, now):
-        while self._minutes and self._minutes[0][0] + MINUTE_MS <= now - self._keep_ms:
+        keep_ms = self._keep_ms()
+        while self._minutes and self._minutes[0][0] + MINUTE_MS <= now - keep_ms:
             self._minutes.popleft()
+
+    @staticmethod
+    def _amount(budget, entry):
+        """What one minute adds to this budget: the cap counts extra usage only."""
+        total = 0.0
+        for bucket in (entry[2],) if budget.extra else (entry[1], entry[2]):
+            total += sum(bucket.values()) if budget.account == "*" else bucket.get(budget.account, 0.0)
+        return total
+
+    def _reserved_locked(self, budget):
+        if budget.extra:
+            return sum(usd for acct, usd, held in self._reserved.values()
+                       if held and budget.account in ("*", acct))
+        return sum(usd for acct, usd, _ in self._reserved.values() if budget.account in ("*", acct))
 
     def _spent_locked(self, budget, now):
         since = now - budget.window_ms
         total = 0.0
-        for minute, bucket in reversed(self._minutes):
-            if minute + MINUTE_MS <= since:
+        for entry in reversed(self._minutes):
+            if entry[0] + MINUTE_MS <= since:
                 break
-            total += sum(bucket.values()) if budget.account == "*" else bucket.get(budget.account, 0.0)
+            total += self._amount(budget, entry)
         return total
 
     def _roll_time_locked(self, budget, now, spent):
@@ -427,13 +577,14 @@ class Budgets:
         if spent < budget.usd:
             return None
         since = now - budget.window_ms
-        for minute, bucket in self._minutes:
-            if minute + MINUTE_MS <= since:
+        for entry in self._minutes:
+            if entry[0] + MINUTE_MS <= since:
                 continue
-            spent -= sum(bucket.values()) if budget.account == "*" else bucket.get(budget.account, 0.0)
+            spent -= self._amount(budget, entry)
             if spent < budget.usd:
-                return minute + MINUTE_MS + budget.window_ms
+                return entry[0] + MINUTE_MS + budget.window_ms
         return None
 
     def _folded_locked(self):
-        return [(minute, account, usd) for minute, bucket in self._minutes for account, usd in bucket.items()]
+        return [(minute, account, usd, extra) for minute, plain, extras in self._minutes
+                for extra, bucket in ((False, plain), (True, extras)) for account, usd in bucket.items()]

@@ -66,7 +66,7 @@ Flags for `proxy` (flag > environment > config file > default):
                            default) or a Redis store a team of gateways shares:
                            redis://[user:password@]host:port/db, rediss://... (TLS),
                            unix:///path/redis.sock[?db=N]; needs
-                           pip install 'dario[redis]'                               [DARIO_STORE]
+                           needs the redis package (pip install 'redis>=5.0')      [DARIO_STORE]
   --overage-guard          turn the overage guard on (the default)                 [DARIO_OVERAGE_GUARD=on]
   --no-overage-guard       turn it off: nothing is detected                        [DARIO_OVERAGE_GUARD=off]
   --overage-behavior=halt|warn

@@ -375,6 +375,7 @@ class Budget:
     window: str           # e.g. "1d", "12h", "30m"
     window_ms: int
     warn_at: float = 0.8
+    extra: bool = False   # the extra-usage cap (overageGuard.allowExtraUsage) as budgets.Budgets keeps it
 
     def public(self):
         return {"account": self.account, "usd": self.usd, "window": self.window, "warnAt": self.warn_at}
@@ -392,22 +393,63 @@ class Budgets(JsonKind):
             if not isinstance(item, dict) or not set(item) <= {"account", "usd", "window", "warnAt"}:
                 raise ValueError(self.allowed)
             account = item.get("account", "*")
-            usd = item.get("usd")
-            window = item.get("window", "1d")
-            warn_at = item.get("warnAt", 0.8)
-            found = re.fullmatch(r"([1-9]\d{0,4})([mhd])", window) if isinstance(window, str) else None
-            if (not isinstance(account, str) or not account or isinstance(usd, bool)
-                    or not isinstance(usd, (int, float)) or not 0 < usd <= 1_000_000
-                    or not found or not _fraction(warn_at)):
+            limits = _spend_limit(item)
+            if not isinstance(account, str) or not account or limits is None:
                 raise ValueError(self.allowed)
-            window_ms = int(found.group(1)) * WINDOW_UNITS_MS[found.group(2)]
-            if window_ms > 90 * 86_400_000:
-                raise ValueError(self.allowed)
-            out.append(Budget(account, float(usd), window, window_ms, float(warn_at)))
+            out.append(Budget(account, *limits))
         return tuple(out)
 
     def dump(self, value):
         return [budget.public() for budget in value]
+
+
+def _spend_limit(item):
+    """(usd, window, window_ms, warnAt) of a budget-like object, or None when one is not
+    allowed: usd above 0 up to 1e6, a window of N minutes, hours or days up to 90d, warnAt 0-1."""
+    usd, window, warn_at = item.get("usd"), item.get("window", "1d"), item.get("warnAt", 0.8)
+    found = re.fullmatch(r"([1-9]\d{0,4})([mhd])", window) if isinstance(window, str) else None
+    if (isinstance(usd, bool) or not isinstance(usd, (int, float)) or not 0 < usd <= 1_000_000
+            or not found or not _fraction(warn_at)):
+        return None
+    window_ms = int(found.group(1)) * WINDOW_UNITS_MS[found.group(2)]
+    if window_ms > 90 * 86_400_000:
+        return None
+    return float(usd), window, window_ms, float(warn_at)
+
+
+@dataclass(frozen=True)
+class ExtraUsageCap:
+    """`overageGuard.allowExtraUsage`: answers served from extra usage go on, without a
+    halt, while their estimated cost in the rolling window stays under `usd`."""
+    usd: float
+    window: str           # e.g. "1d"
+    window_ms: int
+    warn_at: float = 0.8
+
+    def public(self):
+        return {"usd": self.usd, "window": self.window, "warnAt": self.warn_at}
+
+    def budget(self, account="*"):
+        """The cap as a Budget counting this account's extra usage ("*": everyone's)."""
+        return Budget(account, self.usd, self.window, self.window_ms, self.warn_at, extra=True)
+
+
+class ExtraUsage(JsonKind):
+    allowed = ('an object like {"usd": 5, "window": "1d", "warnAt": 0.8} (usd above 0 up to 1000000; '
+               'window: N followed by m, h or d, up to 90d; warnAt 0-1), or null: the first answer '
+               'served from extra usage halts')
+
+    def check(self, value):
+        if value is None:
+            return None
+        limits = _spend_limit(value) if isinstance(value, dict) and set(value) <= {"usd", "window", "warnAt"} \
+            else None
+        if limits is None:
+            raise ValueError(self.allowed)
+        return ExtraUsageCap(*limits)
+
+    def dump(self, value):
+        return value.public()
 
 
 @dataclass(frozen=True)
@@ -446,6 +488,8 @@ SCHEMA = (
     Key("overageGuard.subscriptionClaims", TextList(), (), "extra claims to treat as subscription"),
     Key("overageGuard.scope", Enum("proxy", "account"), "proxy",
         "proxy: a trip halts all traffic; account: only the account whose traffic tripped"),
+    Key("overageGuard.allowExtraUsage", ExtraUsage(), None,
+        "let answers served from extra usage go on up to a cap: {usd, window, warnAt}; null: halt at the first"),
     Key("guards.utilization", Thresholds(), MappingProxyType({}),
         "warn/halt thresholds per utilization reading: util5h, util7d, overageUtil or any window name"),
     Key("guards.unifiedStatus", StatusLevels(), MappingProxyType({"warn": frozenset(), "halt": frozenset()}),
@@ -626,6 +670,7 @@ class GuardConfig:
     unified_status: MappingProxyType = field(
         default_factory=lambda: MappingProxyType({"warn": frozenset(), "halt": frozenset()}))
     budgets: tuple = ()
+    allow_extra_usage: ExtraUsageCap = None      # None: the first extra-usage answer halts
 
     def public(self):
         return {"enabled": self.enabled, "behavior": self.behavior,
@@ -636,7 +681,8 @@ class GuardConfig:
         return {"scope": self.scope,
                 "utilization": Thresholds().dump(self.utilization),
                 "unifiedStatus": StatusLevels().dump(self.unified_status),
-                "budgets": [budget.public() for budget in self.budgets]}
+                "budgets": [budget.public() for budget in self.budgets],
+                "extraUsage": self.allow_extra_usage.public() if self.allow_extra_usage else None}
 
 
 @dataclass(frozen=True)
@@ -708,7 +754,8 @@ _GUARD_FIELD_OF = {
     "overageGuard.enabled": "enabled", "overageGuard.behavior": "behavior",
     "overageGuard.cooldownMs": "cooldown_ms", "overageGuard.notifyOs": "notify_os",
     "overageGuard.subscriptionClaims": "subscription_claims",
-    "overageGuard.scope": "scope", "guards.utilization": "utilization",
+    "overageGuard.scope": "scope", "overageGuard.allowExtraUsage": "allow_extra_usage",
+    "guards.utilization": "utilization",
     "guards.unifiedStatus": "unified_status", "guards.budgets": "budgets",
 }
 

@@ -20,6 +20,17 @@ the whole gateway (scope `proxy`, the default) or an account label (scope `accou
   fire after `cancel()`) cannot clear a newer one.
 - The overage trip fires on the response's billing signal (`billingSignal`, see
   billing.parse_ratelimit), named in the halt's `detail.signal`.
+- Capped extra usage (`overageGuard.allowExtraUsage`, only while the guard halts): an
+  answer served from extra usage (`served_from_extra_usage`) does not halt; it puts its
+  halt key (the account in `account` scope, everyone in `proxy` scope) "in extra usage"
+  until an answer comes from the subscription again. While in extra usage, `admit()`
+  asks the budgets to reserve each request's worst case against the cap too, and the
+  settled costs of extra-usage answers trip the cap like a budget (`extra_usage_warning`
+  at warnAt, `extra_usage_cap` at the cap, with the roll time as cooldown). A resume
+  lets extra usage go on past the cap (the crossing stays recorded, as a budget's)
+  until an answer comes from the subscription: that re-arms the cap, so the next
+  extra-usage request past it halts again. Other signals (`api`, unknown claims) halt
+  at once, as without a cap.
 - Events go to the bus under the lock (so they keep their order); loud log lines,
   desktop notifications and alert channels run after the lock is released. Their words
   come from guardtext; a halt adopted from the state file is not announced again.
@@ -36,7 +47,7 @@ from types import MappingProxyType
 from typing import NamedTuple
 
 from . import billing, guardtext
-from .budgets import Refusal, Ticket
+from .budgets import EXTRA_METRIC, Refusal, Ticket
 from .guardtext import iso
 from .statefile import ABSENT, CORRUPT
 
@@ -50,7 +61,10 @@ STATUS_REJECTED = guardtext.STATUS_REJECTED
 STATUS_WARNING = guardtext.STATUS_WARNING
 BUDGET = guardtext.BUDGET
 BUDGET_WARNING = guardtext.BUDGET_WARNING
+EXTRA_CAP = guardtext.EXTRA_CAP
 CORRUPT_REASON = guardtext.CORRUPT
+# Halts the overage guard itself makes: cleared when it no longer halts (disabled, warn mode).
+OVERAGE_REASONS = frozenset({OVERAGE, EXTRA_CAP})
 ALL = object()          # clear(): every halt
 
 
@@ -100,6 +114,7 @@ class Guard:
         self._halts = {}                 # key (None or account) -> Halt
         self._timers = {}                # key -> Timer
         self._levels = {}                # (key, metric) -> "warn" | "halt": crossings seen
+        self._extra = {}                 # key -> True while its last answer was served from extra usage
         self._generation = 0
         self._file_sig = None
         self._last_warn_notify = {}      # reason -> clock seconds
@@ -111,28 +126,56 @@ class Guard:
         """Does the overage trip halt (rather than warn or nothing)?"""
         return self.config.enabled and self.config.behavior == "halt"
 
+    @property
+    def extra_usage_cap(self):
+        """The extra-usage cap in force (config.ExtraUsageCap), or None: without one, or
+        when the guard does not halt, an extra-usage answer is treated as any overage."""
+        return self.config.allow_extra_usage if self.halting else None
+
     def _now_ms(self):
         return int(self._clock() * 1000)
 
     def _key(self, account):
         return account if self.config.scope == "account" else None
 
+    def cap_account(self, account):
+        """Whose extra usage the cap counts for this account's request: its label in
+        `account` scope, "*" (all traffic) in `proxy` scope."""
+        key = self._key(account)
+        return "*" if key is None else key
+
+    def in_extra_usage(self, account=None):
+        """Was the last answer for this account's halt key served from extra usage?"""
+        with self._lock:
+            return self._extra.get(self._key(account), False)
+
+    def level(self, account, metric):
+        """The threshold level recorded for (this account's halt key, metric), or None."""
+        with self._lock:
+            return self._levels.get((self._key(account), metric))
+
     # -- the request path --------------------------------------------------------
 
     def admit(self, account=None, budgets=None, worst_usd=0.0):
         """The Verdict for a guarded request about to be sent: the halt that blocks it,
-        else (given `budgets`) the reservation of its worst-case cost, or a refusal."""
+        else (given `budgets`) the reservation of its worst-case cost (against the
+        extra-usage cap too while in extra usage), or a refusal."""
         halt = self.check(account)
         if halt is not None:
             return Verdict(self.blocked_response(halt))
         if budgets is None or not budgets.active:
             return GO
-        held = budgets.reserve(account, worst_usd)
+        capped = self.extra_usage_cap is not None and self.in_extra_usage(account)
+        held = budgets.reserve(account, worst_usd, capped=capped)
         if held is None:
             return GO
         if isinstance(held, Refusal):
+            if held.past:
+                halt = budgets.crossed(held) or self.check(account)
+                if halt is not None:
+                    return Verdict(self.blocked_response(halt))
             return Verdict(held.response())
-        return Verdict(None, Ticket(budgets, held, worst_usd))
+        return Verdict(None, Ticket(budgets, held, worst_usd, capped))
 
     def check(self, account=None):
         """The halt blocking this account's request, or None. Called right before sending."""
@@ -155,13 +198,18 @@ class Guard:
         config = self.config
         signal = _billing_signal(rate)
         overage = config.enabled and signal is not None
+        mode = extra_usage_mode(rate) if self.extra_usage_cap is not None else None
+        if mode:
+            overage = False             # served from extra usage, under the cap: the budgets count it
         crossings = self._crossings(rate)
-        if not overage and not crossings:
+        if not overage and not crossings and mode is None:
             return None
         key = self._key(request.get("account"))
         actions, halt = [], None
         with self._lock:
             self._sync_locked(actions)
+            if mode is not None:
+                self._extra_mode_locked(key, mode, actions)
             if overage:
                 detail = {"claim": rate.get("claim"), "signal": signal}
                 if config.behavior == "warn":
@@ -196,6 +244,24 @@ class Guard:
                     detail["window"] = metric[len("status:"):]
                 out.append((metric, level, STATUS_WARNING, STATUS_REJECTED, detail))
         return out
+
+    def _extra_mode_locked(self, key, mode, actions):
+        """This key's answers are (mode True) or are no longer (False) served from extra usage."""
+        if self._extra.get(key, False) == mode:
+            return
+        self._extra[key] = mode
+        cap = self.config.allow_extra_usage
+        whom = "all traffic" if key is None else f"account {key}"
+        if mode:
+            actions.append(lambda: log.warning(
+                "EXTRA USAGE: answers for %s are served from extra usage; dario goes on up to the cap "
+                "(overageGuard.allowExtraUsage: $%.2f per %s)", whom, cap.usd, cap.window))
+            return
+        # Back on the subscription: re-arm the cap, so that going back into extra usage while
+        # the window's spend is still at the cap halts again, even after a resume.
+        if self._levels.get((key, EXTRA_METRIC)) == "halt":
+            self._levels[(key, EXTRA_METRIC)] = "warn"
+        actions.append(lambda: log.info("answers for %s come from the subscription again", whom))
 
     def cross(self, account, metric, level, request, detail, warn_reason, halt_reason, cooldown_until=None):
         """A threshold trip from outside (budgets): fire on an upward crossing of `level`."""
@@ -282,7 +348,7 @@ class Guard:
 
     def _honoured(self, saved, actions):
         """Keep a saved halt only if the current settings would have made it."""
-        if saved.get("reason", OVERAGE) != OVERAGE or self.halting:
+        if saved.get("reason", OVERAGE) not in OVERAGE_REASONS or self.halting:
             return True
         mode = "disabled" if not self.config.enabled else "in warn mode"
         actions.append(lambda: log.warning(
@@ -296,7 +362,7 @@ class Guard:
         with self._lock:
             self.config = config
             if not self.halting:
-                stale = [k for k, h in self._halts.items() if h.reason == OVERAGE]
+                stale = [k for k, h in self._halts.items() if h.reason in OVERAGE_REASONS]
                 for key in stale:
                     self._clear_locked(key, "config", actions)
                 if stale:
@@ -427,7 +493,7 @@ class Guard:
             current = self._halts.get(key)
             if current is not None and current.since == data["since"]:
                 continue
-            if data.get("reason", OVERAGE) == OVERAGE and not self.halting:
+            if data.get("reason", OVERAGE) in OVERAGE_REASONS and not self.halting:
                 continue
             until = data.get("cooldownUntil")
             if until is not None and until <= now:
@@ -486,6 +552,13 @@ class Guard:
             self._notifier.notify(*guardtext.warn_notification(event))
         self._alert("warn", event)
 
+    def extra_usage_status(self, budgets):
+        """The extra-usage cap and its spend (budgets.Budgets.extra_usage_status), or None
+        without a cap; for /status, /analytics and /metrics."""
+        if self.extra_usage_cap is None or budgets is None:
+            return None
+        return budgets.extra_usage_status()
+
     def blocked_response(self, halt, now_ms=None):
         """(headers, body) of the 503 a guarded request gets while `halt` holds."""
         now_ms = self._now_ms() if now_ms is None else now_ms
@@ -495,6 +568,24 @@ class Guard:
 def _run(actions):
     for action in actions:
         action()
+
+
+def served_from_extra_usage(rate):
+    """Was this answer (a parse_ratelimit dict, or a record made from one) served from
+    extra usage, by one of the signals that mean it (claim `overage`, `overage-in-use:
+    true`, `status: rejected` with overage allowed), and by nothing worse (`api`, an
+    unknown claim)?"""
+    return _billing_signal(rate) is not None and rate.get("bucket") == billing.EXTRA_USAGE
+
+
+def extra_usage_mode(rate):
+    """True: served from extra usage; False: from the subscription; None: it does not say
+    (no claim header, or billed otherwise)."""
+    if served_from_extra_usage(rate):
+        return True
+    if _billing_signal(rate) is None and rate.get("bucket") in (billing.SUBSCRIPTION, billing.SUBSCRIPTION_FALLBACK):
+        return False
+    return None
 
 
 def _billing_signal(rate):

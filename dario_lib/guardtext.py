@@ -21,7 +21,12 @@ Functions (all pure, none raises on a malformed dict from a remote gateway):
 - `blocked_response(halt, now_ms, command) -> (headers, body)`: the 503 a guarded request
   gets while halted (SPEC 6).
 - `refusal_response(budget, spent, reserved) -> (headers, body)`: a budget's short,
-  retryable hold-back (`budget` is `Budget.public()`).
+  retryable hold-back (`budget` is `Budget.public()`); `cap_refusal_response(cap,
+  spent, reserved)` the same for the extra-usage cap (`cap` is `cap_public()`).
+- `cap_public(cap, account)`: the extra-usage cap (`ExtraUsageCap`) as the texts read it.
+- `extra_usage_lines(extra, cap=None) -> [(text, level)]`: the cap's headroom ("extra
+  usage $1.20 of $5.00 per 1d"), level "bad" at the cap, "warn" past warnAt, else
+  "normal"; from `/status`'s `extraUsage` (or, without its figures, the configured cap).
 - `halt_line`, `starting_halted_line`, `shared_halt_line`, `resume_line`, `warn_line`:
   the loud stderr lines (no "[dario]" prefix: logging adds it).
 - `halt_notification(halt, command)`, `warn_notification(event) -> (title, message)`:
@@ -51,6 +56,8 @@ LEDGER = "budget_ledger_error"
 CORRUPT = "state_file_corrupt"
 STATE_LOST = "store_state_lost"
 UNAVAILABLE = "store_unavailable"
+EXTRA_CAP = "extra_usage_cap"
+EXTRA_WARNING = "extra_usage_warning"
 
 DEFAULT_PORT = 3456
 DEFAULT_COMMAND = "dario resume"
@@ -66,6 +73,8 @@ REASON_NAMES = {
     CORRUPT: "saved guard state unreadable",
     STATE_LOST: "the team's shared state was lost",
     UNAVAILABLE: "the team's store is unreachable",
+    EXTRA_CAP: "extra-usage cap reached",
+    EXTRA_WARNING: "extra-usage cap nearly used",
 }
 WINDOWS = {"util5h": "5-hour", "util7d": "7-day", "overageUtil": "overage"}
 
@@ -154,6 +163,12 @@ def title(item):
         text = (f"spent {_usd(detail.get('spentUsd'))} of the {_usd(detail.get('budgetUsd'))} budget "
                 f"per {_text(detail.get('window'), '?')} for {whom}")
         if reason == BUDGET_WARNING:
+            text += f" (warn at {_percent(detail.get('warnAt'))})"
+        return text
+    if reason in (EXTRA_CAP, EXTRA_WARNING):
+        text = (f"extra usage {_usd(detail.get('spentUsd'))} of the {_usd(detail.get('capUsd'))} cap "
+                f"per {_text(detail.get('window'), '?')}{_cap_whom(detail.get('capAccount'))}")
+        if reason == EXTRA_WARNING:
             text += f" (warn at {_percent(detail.get('warnAt'))})"
         return text
     if reason == LEDGER:
@@ -245,10 +260,14 @@ def blocked_response(halt, now_ms, command=DEFAULT_COMMAND):
                    f"({evidence}): non-subscription billing instead of your subscription pool. ")
     else:
         message = f"dario halted ({reason}): {cause(item)}. "
+    if reason == EXTRA_CAP:
+        message += ("Answers were being served from extra usage (overageGuard.allowExtraUsage) and their "
+                    "estimated cost reached the cap. ")
     until = _number(item.get("cooldownUntil"))
     if until is not None:
-        after = (", when enough spend has aged out of the budget's window"
-                 if reason == BUDGET else " for the cooldown to auto-clear")
+        after = {BUDGET: ", when enough spend has aged out of the budget's window",
+                 EXTRA_CAP: ", when enough extra-usage spend has aged out of the cap's window"}.get(
+                     reason, " for the cooldown to auto-clear")
         message += f"To resume: run `{run}` in another terminal, or wait until {iso(until)}{after}."
         headers["Retry-After"] = str(max(1, math.ceil((until - now_ms) / 1000)))
     else:
@@ -276,6 +295,62 @@ def refusal_response(budget, spent, reserved):
                f"{_text(budget.get('window'), '?')} for {whom} is fully committed ({_usd(spent)} spent, "
                f"{_usd(reserved)} reserved by requests in flight). Retry when they finish, or raise the budget.")
     body = wire.error_object("dario_guard", message, reason=BUDGET)
+    return {"Retry-After": "5"}, body
+
+
+def _cap_whom(account):
+    return " for all accounts" if account in ("*", None) else f" for account {account}"
+
+
+def cap_public(cap, account="*"):
+    """The extra-usage cap (config.ExtraUsageCap) as these texts read it: its public dict
+    plus the account whose extra usage it counts ("*": all traffic, proxy scope)."""
+    return dict(cap.public(), account=account)
+
+
+def extra_usage_lines(extra, cap=None):
+    """[(text, level)]: each extra-usage cap and its spend, for the TUI and `dario status`.
+
+    `extra` is `/status`'s `extraUsage` ({usd, window, warnAt, scope, caps: [{account,
+    spentUsd, reservedUsd, inExtraUsage}]}) or None; `cap` the configured one
+    (`guards.extraUsage`), shown without figures when `extra` has none."""
+    extra, cap = _dict(extra), _dict(cap)
+    usd, window = extra.get("usd", cap.get("usd")), _text(extra.get("window", cap.get("window")), "?")
+    if _number(usd) is None:
+        return []
+    caps = extra.get("caps") if isinstance(extra.get("caps"), list) else []
+    caps = [item for item in caps if isinstance(item, dict)]
+    if not caps:
+        whom = " per account" if extra.get("scope") == "account" else ""
+        spent = ", none spent" if extra else ""        # without the figures, say only the cap
+        return [(f"extra usage cap {_usd(usd)} per {window}{whom}{spent}", "normal")]
+    warn_at = _number(extra.get("warnAt"))
+    lines = []
+    for item in caps:
+        spent = _number(item.get("spentUsd")) or 0.0
+        account = item.get("account")
+        text = f"extra usage {_usd(spent)} of {_usd(usd)} per {window}"
+        if account not in ("*", None):
+            text += f" for {account}"
+        if _number(item.get("reservedUsd")):
+            text += f" (+{_usd(item['reservedUsd'])} in flight)"
+        if item.get("inExtraUsage") is True:
+            text += ", in use"
+        level = ("bad" if spent >= usd else
+                 "warn" if warn_at is not None and spent >= usd * warn_at else "normal")
+        lines.append((text, level))
+    return lines
+
+
+def cap_refusal_response(cap, spent, reserved):
+    """(headers, body) of the extra-usage cap's hold-back: answers are served from extra
+    usage and requests in flight already fill the cap. Retryable, as a budget's."""
+    cap = _dict(cap)
+    message = (f"dario is holding this request back: answers are being served from extra usage and the "
+               f"{_usd(cap.get('usd'))} extra-usage cap per {_text(cap.get('window'), '?')}"
+               f"{_cap_whom(cap.get('account'))} is fully committed ({_usd(spent)} spent, {_usd(reserved)} "
+               "reserved by requests in flight). Retry when they finish, or raise overageGuard.allowExtraUsage.")
+    body = wire.error_object("dario_guard", message, reason=EXTRA_CAP)
     return {"Retry-After": "5"}, body
 
 

@@ -336,7 +336,9 @@ class Handler(BaseHTTPRequestHandler):
         self.reply.json(200, self.server.status())
 
     def do_analytics(self):
-        self.reply.json(200, analytics.report(self.server.store, self.server.clock))
+        server = self.server
+        self.reply.json(200, analytics.report(server.store, server.clock,
+                                              extra_usage=server.guard.extra_usage_status(server.budgets)))
 
     def do_metrics(self):
         self.reply.send(200, metrics.render(self.server).encode("utf-8", "replace"),

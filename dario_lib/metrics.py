@@ -1,9 +1,9 @@
 """`GET /metrics` in the Prometheus text format (version 0.0.4).
 
 Series: requests and tokens by model, account, bucket and outcome; guard state and
-trips by reason; spend by budget; the latest reading of every rate-limit window the
-upstream reported (utilization, reset time, status) and of extra usage; the relay
-latency and time-to-first-byte histograms.
+trips by reason; spend by budget; extra-usage spend against its cap; the latest reading
+of every rate-limit window the upstream reported (utilization, reset time, status) and
+of extra usage; the relay latency and time-to-first-byte histograms.
 Label values are the record's own (bounded in number by the record store) and go
 through `inert.prom_label`: a model name from a request can neither break the format nor
 (with a lone surrogate) keep the body from encoding to UTF-8.
@@ -164,6 +164,7 @@ def render(server):
         for b in budgets:
             out.sample("dario_budget_usd", b["usd"], account=b["account"], window=b["window"])
 
+    extra_usage_series(out, server.guard.extra_usage_status(server.budgets))
     _rate_limits(out, server.store.rate_copy())
 
     out.family("dario_request_duration_seconds", "histogram", "Relay latency, request to last byte.")
@@ -176,6 +177,29 @@ def render(server):
     out.sample("dario_open_connections", server.connections)
     store_series(out, server)
     return "\n".join(out.lines) + "\n"
+
+
+def extra_usage_series(out, extra):
+    """The extra-usage cap (`overageGuard.allowExtraUsage`): spend, holds in flight and
+    the cap per account ("*": all traffic, proxy scope), labels as dario_spend_usd's."""
+    if not extra:
+        return
+    caps = extra["caps"]
+    out.family("dario_extra_usage_usd", "gauge",
+               "Estimated cost of answers served from extra usage in the cap's window.")
+    for cap in caps:
+        out.sample("dario_extra_usage_usd", cap["spentUsd"], account=cap["account"], window=extra["window"])
+    out.family("dario_extra_usage_reserved_usd", "gauge",
+               "Worst cases held against the extra-usage cap by requests in flight.")
+    for cap in caps:
+        out.sample("dario_extra_usage_reserved_usd", cap["reservedUsd"], account=cap["account"],
+                   window=extra["window"])
+    out.family("dario_extra_usage_cap_usd", "gauge", "The extra-usage cap (overageGuard.allowExtraUsage.usd).")
+    for cap in caps:
+        out.sample("dario_extra_usage_cap_usd", extra["usd"], account=cap["account"], window=extra["window"])
+    out.family("dario_extra_usage_active", "gauge", "1 while the last answer was served from extra usage.")
+    for cap in caps:
+        out.sample("dario_extra_usage_active", 1 if cap["inExtraUsage"] else 0, account=cap["account"])
 
 
 def store_series(out, server):

@@ -23,16 +23,21 @@ Keys under the prefix:
     halts                 hash    "*" or account label -> halt JSON
     levels                hash    JSON [key, metric] -> "warn" | "halt" (threshold crossings)
     reservations          hash    id -> "<micro-dollars>|<account>"
-    expiry                zset    id scored by its expiry (server ms)
-    reserved              hash    "*" or "a:<account>" -> micro-dollars in flight
+    xreservations         hash    "<id>#x" -> "<micro-dollars>|<cap scope>": holds against the extra-usage cap
+    expiry                zset    id (and "<id>#x") scored by its expiry (server ms)
+    reserved              hash    scope -> micro-dollars in flight
     spend:<scope>         hash    minute number -> micro-dollars settled in that minute
     minutes:<scope>       zset    the same minute numbers, scored by themselves (range scans)
     total:<scope>:<win>   hash    {from: first minute counted, sum: micro-dollars since}
     totals:<scope>        set     windows with a running total for this scope
     settled:<id>          string  a reservation already settled (kept for an hour)
+    extra                 hash    cap scope -> "1" while its last answer was served from extra usage
+    xscopes               set     cap scopes with extra-usage spend or holds (for status)
     events                channel JSON {gateway, type, data}
 
-<scope> is "*" (all traffic) or "a:<account label>". Amounts are integer micro-dollars,
+<scope> is "*" (all traffic) or "a:<account label>"; the extra-usage cap's scopes are the
+same with "x:" in front ("x:*", "x:a:<label>"): spend of answers served from extra usage
+only, next to (not instead of) their spend in the plain scopes. Amounts are integer micro-dollars,
 exact in Lua's doubles up to 2^53. Numbers handed back to redis.call go through int()
 (Lua would otherwise format large ones as 1e+14).
 """
@@ -74,14 +79,23 @@ end
 local function release(id)
   redis.call('ZREM', P .. 'expiry', id)
   local entry = redis.call('HGET', P .. 'reservations', id)
+  if entry then
+    redis.call('HDEL', P .. 'reservations', id)
+    local bar = string.find(entry, '|', 1, true)
+    local micro = tonumber(string.sub(entry, 1, bar - 1))
+    unreserve('*', micro)
+    unreserve('a:' .. string.sub(entry, bar + 1), micro)
+    return true
+  end
+  entry = redis.call('HGET', P .. 'xreservations', id)      -- a hold against the extra-usage cap
   if not entry then return false end
-  redis.call('HDEL', P .. 'reservations', id)
+  redis.call('HDEL', P .. 'xreservations', id)
   local bar = string.find(entry, '|', 1, true)
-  local micro = tonumber(string.sub(entry, 1, bar - 1))
-  unreserve('*', micro)
-  unreserve('a:' .. string.sub(entry, bar + 1), micro)
+  unreserve(string.sub(entry, bar + 1), tonumber(string.sub(entry, 1, bar - 1)))
   return true
 end
+
+local function is_cap(scope) return string.sub(scope, 1, 2) == 'x:' end
 
 local function prune_reservations()
   local ids = redis.call('ZRANGEBYSCORE', P .. 'expiry', '-inf', int(now), 'LIMIT', 0, 500)
@@ -172,8 +186,11 @@ end
 # ARGV[4] marker this gateway knows ("" if none), [5] account ("" if none),
 # [6] reservation id ("" for none), [7] micro-dollars, [8] ttl ms,
 # [9…] budgets, four arguments each: scope, window ms, limit micro-dollars, and the field in
-# `levels` of the budget's crossing ("" for none).
+# `levels` of the budget's crossing ("" for none). A cap scope ("x:…", at most one) is the
+# extra-usage cap: held (as "<id>#x", settled apart by CAP_SETTLE) only while its scope is
+# in extra usage (`extra`).
 # Returns {lost, now, marker, status, refused budget (1-based, 0 none), spent, reserved,
+#          plain held (0/1), cap held (0/1), cap scope in extra usage (0/1, -1 no cap asked),
 #          n, n halts this call cleared (their cooldown had passed), the blocking halts…}
 GATE = PRELUDE + r"""
 local known, account, id = ARGV[4], ARGV[5], ARGV[6]
@@ -210,38 +227,60 @@ for _, key in ipairs(keys) do
   end
 end
 
-local status, refused, at_spent, at_reserved = 'ok', 0, 0, 0
+-- A plain reservation unless only the cap was asked (none applied: still one, as before).
+local mode, plain, cap = -1, true, false
+for i = 9, #ARGV, 4 do
+  if is_cap(ARGV[i]) then
+    mode = redis.call('HGET', P .. 'extra', ARGV[i]) == '1' and 1 or 0
+    if mode == 1 then cap = ARGV[i] end
+    plain = #ARGV > 12
+  end
+end
+
+local status, refused, at_spent, at_reserved, held_plain, held_cap = 'ok', 0, 0, 0, 0, 0
 if #blocking > 0 then
   status = 'halted'
 elseif id ~= '' then
   prune_reservations()
-  if redis.call('HEXISTS', P .. 'reservations', id) == 1 then
+  local capid = id .. '#x'
+  if redis.call('HEXISTS', P .. 'reservations', id) == 1 or redis.call('HEXISTS', P .. 'xreservations', capid) == 1 then
     status = 'reserved'                     -- the same call, retried
+    held_plain = redis.call('HEXISTS', P .. 'reservations', id)
+    held_cap = redis.call('HEXISTS', P .. 'xreservations', capid)
   else
     for i = 9, #ARGV, 4 do
       local scope, limit, field = ARGV[i], tonumber(ARGV[i + 2]), ARGV[i + 3]
-      local sum = spent(scope, tonumber(ARGV[i + 1]))
-      local held = tonumber(redis.call('HGET', P .. 'reserved', scope)) or 0
-      -- As budgets.Budgets.reserve: refused while reservations in flight fill the budget.
-      -- Past the limit the guard's halt decides (and a person may have resumed it), but
-      -- only once the crossing is recorded: between the settle that crossed and the
-      -- cross() that halts, another gateway must not slip a request through.
-      if (sum < limit and limit <= sum + held) or (sum >= limit and field ~= ''
-          and redis.call('HGET', P .. 'levels', field) ~= 'halt') then
-        status, refused, at_spent, at_reserved = 'refused', (i - 5) / 4, sum, held
-        break
+      if not is_cap(scope) or scope == cap then
+        local sum = spent(scope, tonumber(ARGV[i + 1]))
+        local held = tonumber(redis.call('HGET', P .. 'reserved', scope)) or 0
+        -- As budgets.Budgets.reserve: refused while reservations in flight fill the budget.
+        -- Past the limit the guard's halt decides (and a person may have resumed it), but
+        -- only once the crossing is recorded: between the settle that crossed and the
+        -- cross() that halts, another gateway must not slip a request through.
+        if (sum < limit and limit <= sum + held) or (sum >= limit and field ~= ''
+            and redis.call('HGET', P .. 'levels', field) ~= 'halt') then
+          status, refused, at_spent, at_reserved = 'refused', (i - 5) / 4, sum, held
+          break
+        end
       end
     end
-    if status == 'ok' then
+    if status == 'ok' and plain then
       redis.call('HSET', P .. 'reservations', id, ARGV[7] .. '|' .. account)
       redis.call('ZADD', P .. 'expiry', int(now + tonumber(ARGV[8])), id)
       redis.call('HINCRBY', P .. 'reserved', '*', ARGV[7])
       redis.call('HINCRBY', P .. 'reserved', 'a:' .. account, ARGV[7])
-      status = 'reserved'
+      status, held_plain = 'reserved', 1
+    end
+    if status ~= 'refused' and cap then
+      redis.call('HSET', P .. 'xreservations', capid, ARGV[7] .. '|' .. cap)
+      redis.call('ZADD', P .. 'expiry', int(now + tonumber(ARGV[8])), capid)
+      redis.call('HINCRBY', P .. 'reserved', cap, ARGV[7])
+      redis.call('SADD', P .. 'xscopes', cap)
+      status, held_cap = 'reserved', 1
     end
   end
 end
-local out = {lost, now, marker, status, refused, at_spent, at_reserved, #cleared}
+local out = {lost, now, marker, status, refused, at_spent, at_reserved, held_plain, held_cap, mode, #cleared}
 for _, halt in ipairs(cleared) do out[#out + 1] = halt end
 for _, halt in ipairs(blocking) do out[#out + 1] = halt end
 return out
@@ -266,6 +305,77 @@ prune_reservations()
 return report({counted, held, now}, 8)
 """
 
+# ARGV[4] the cap hold's id ("<reservation id>#x"), [5] account, [6] micro-dollars of extra
+# usage (0: the answer was not served from extra usage: only the hold is released),
+# [7] how long to remember the id (ms), [8…11] the cap, four arguments (as GATE's budgets).
+# Idempotent per id, as SETTLE. Spend goes to "x:*" and "x:a:<account>" whatever the scope,
+# so a change of scope finds it. Returns {counted, was held, now, spent, reserved, roll}.
+CAP_SETTLE = PRELUDE + r"""
+local id, account, micro = ARGV[4], ARGV[5], tonumber(ARGV[6])
+local counted, held = 0, 0
+if redis.call('SET', P .. 'settled:' .. id, '1', 'NX', 'PX', ARGV[7]) then
+  counted = 1
+  if release(id) then held = 1 end
+  if micro > 0 then
+    local minute = math.floor(now / MINUTE)
+    add_spend('x:*', minute, ARGV[6])
+    add_spend('x:a:' .. account, minute, ARGV[6])
+    redis.call('SADD', P .. 'xscopes', 'x:*', 'x:a:' .. account)
+  end
+end
+prune_reservations()
+return report({counted, held, now}, 8)
+"""
+
+# ARGV[4] cap scope, [5] "1": its answers are now served from extra usage, "0": from the
+# subscription, [6] the cap's crossing field in `levels`. Back on the subscription, a cap
+# crossing recorded as "halt" is lowered to "warn": going back into extra usage while the
+# window's spend is still at the cap then halts again (see guard.py). Returns the previous
+# mode ("1" or "0").
+EXTRA_MODE = PRELUDE + r"""
+local previous = redis.call('HGET', P .. 'extra', ARGV[4]) or '0'
+if ARGV[5] == '1' then
+  if previous ~= '1' then redis.call('HSET', P .. 'extra', ARGV[4], '1') end
+elseif previous == '1' then
+  redis.call('HDEL', P .. 'extra', ARGV[4])
+  if redis.call('HGET', P .. 'levels', ARGV[6]) == 'halt' then
+    redis.call('HSET', P .. 'levels', ARGV[6], 'warn')
+  end
+end
+return previous
+"""
+
+# ARGV[4] window ms, [5] "account" (every account's cap) or "proxy" (the one of all traffic).
+# Returns {now, (scope, spent, reserved, in extra usage 0/1)…}. Account scopes with nothing
+# spent in the window, nothing held and not in extra usage are forgotten.
+CAP_STATUS = PRELUDE + r"""
+prune_reservations()
+local window = tonumber(ARGV[4])
+local scopes = {'x:*'}
+if ARGV[5] == 'account' then
+  scopes = {}
+  for _, scope in ipairs(redis.call('SMEMBERS', P .. 'xscopes')) do
+    if scope ~= 'x:*' then scopes[#scopes + 1] = scope end
+  end
+  table.sort(scopes)
+end
+local out = {now}
+for _, scope in ipairs(scopes) do
+  local sum = spent(scope, window)
+  local held = tonumber(redis.call('HGET', P .. 'reserved', scope)) or 0
+  local mode = redis.call('HGET', P .. 'extra', scope) == '1' and 1 or 0
+  if ARGV[5] == 'account' and sum == 0 and held == 0 and mode == 0 then
+    redis.call('SREM', P .. 'xscopes', scope)
+  else
+    out[#out + 1] = scope
+    out[#out + 1] = sum
+    out[#out + 1] = held
+    out[#out + 1] = mode
+  end
+end
+return out
+"""
+
 # ARGV[4…] budgets, four arguments each (as GATE's). Returns {now, (spent, reserved, roll)…}
 SPENT = PRELUDE + r"""
 prune_reservations()
@@ -278,7 +388,8 @@ prune_reservations()
 local missing = {}
 local until_ms = int(now + tonumber(ARGV[4]))
 for i = 5, #ARGV do
-  if redis.call('HEXISTS', P .. 'reservations', ARGV[i]) == 1 then
+  if redis.call('HEXISTS', P .. 'reservations', ARGV[i]) == 1
+      or redis.call('HEXISTS', P .. 'xreservations', ARGV[i]) == 1 then
     redis.call('ZADD', P .. 'expiry', 'XX', until_ms, ARGV[i])
   else
     missing[#missing + 1] = ARGV[i]

@@ -18,6 +18,11 @@ What it guarantees (the scripts are in `redis_lua.py`, each one atomic on the se
   hold room forever. Settling is idempotent per reservation id (remembered an hour);
   settling after expiry still counts the cost, once. A settle that fails (Redis down)
   is kept and retried by the heartbeat until it lands.
+- The extra-usage cap (`overageGuard.allowExtraUsage`) is a budget of its own scope
+  (`BudgetRef.extra`): `gate()` holds a request's worst case against it (as a separate
+  hold, "<id>#x") only while the cap's scope is in extra usage (`extra_mode()`, written
+  when an answer says so), and `settle_cap()` releases that hold and counts the cost
+  of an answer served from extra usage. Same guarantees as a budget's.
 - `cross()` records a threshold level and returns the previous one atomically: only
   the gateway that saw the upward crossing fires. `crosses()` records several (all a
   response or a settle saw) in the same single round trip.
@@ -70,7 +75,8 @@ MAX_PENDING_SETTLES = 10_000
 POOL_SIZE = 64
 ROUNDTRIP_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 PING_EVERY_S = 5.0                              # the event listener's liveness check
-INSTALL_HINT = "pip install 'dario[redis]'"
+INSTALL_HINT = "pip install 'redis>=5.0' (or, installing dario itself, pip install '.[redis]')"
+CAP_SUFFIX = "#x"                               # the extra-usage cap's hold: "<reservation id>#x"
 
 
 class StoreUnavailable(Exception):
@@ -99,12 +105,25 @@ class BudgetRef(NamedTuple):
     limit_micro: int
     window_ms: int
     crossing: tuple = None
+    extra: bool = False     # the extra-usage cap: counts only answers served from extra usage
 
     @classmethod
     def of(cls, budget, key=None):
         """From config.Budget; `key` is the halt key its crossing uses (None: the team)."""
         name = f"{budget.account}:{budget.window}:{budget.usd}"
         return cls(name, budget.account, to_micro(budget.usd), budget.window_ms, (key, f"budget:{name}"))
+
+    @classmethod
+    def cap(cls, cap, key=None, metric="extra_usage"):
+        """The extra-usage cap (config.ExtraUsageCap) of halt key `key` (None: all traffic,
+        else an account label); its crossing is (key, metric)."""
+        account = "*" if key is None else key
+        return cls(f"extra:{account}", account, to_micro(cap.usd), cap.window_ms, (key, metric), True)
+
+    @property
+    def scope(self):
+        """Its series in Redis: "*", "a:<label>", or those with "x:" for the cap."""
+        return ("x:" if self.extra else "") + ("*" if self.account == "*" else "a:" + self.account)
 
 
 class Spend(NamedTuple):
@@ -136,6 +155,8 @@ class Gate:
     refusal: Refusal        # or None
     now_ms: int             # Redis's clock
     cleared: tuple = ()     # halts whose cooldown had passed, cleared by this call (announce them)
+    cap_held: bool = False  # the extra-usage cap's hold is held too (settle_cap it)
+    extra_mode: bool = None  # the cap's scope is in extra usage (None: no cap was asked)
 
 
 def new_id():
@@ -164,7 +185,8 @@ class _Script:
 
 
 SCRIPTS = {name: _Script(getattr(redis_lua, name.upper()))
-           for name in ("gate", "settle", "spent", "refresh", "put_halt", "clear_halt", "cross")}
+           for name in ("gate", "settle", "spent", "refresh", "put_halt", "clear_halt", "cross",
+                        "cap_settle", "extra_mode", "cap_status")}
 
 
 class RedisStore:
@@ -210,7 +232,7 @@ class RedisStore:
         self._roundtrip_ms = None
         self._histogram = Histogram(ROUNDTRIP_BUCKETS_S)
         self._in_flight = set()             # reservation ids this gateway holds
-        self._pending = []                  # settles that failed: (id, account, micro)
+        self._pending = []                  # settles that failed: (id, account, micro, cap BudgetRef or None)
         self._stop = threading.Event()
         self._threads = []
 
@@ -226,15 +248,19 @@ class RedisStore:
             args[2:4] = [reserve.id, to_micro(reserve.usd, up=True)]
             for budget in budgets:
                 args += _budget_args(budget)
-        lost, now, marker, status, refused, spent, held, n_cleared, *halts = self._run("gate", args)
+        (lost, now, marker, status, refused, spent, held, held_plain, held_cap, mode, n_cleared,
+         *halts) = self._run("gate", args)
         self._adopt(marker, lost)
-        if status == "reserved":
+        if held_plain or held_cap:
             with self._lock:
-                self._in_flight.add(reserve.id)
+                if held_plain:
+                    self._in_flight.add(reserve.id)
+                if held_cap:
+                    self._in_flight.add(reserve.id + CAP_SUFFIX)
         refusal = Refusal(budgets[refused - 1], spent, held) if status == "refused" else None
         cleared = tuple(json.loads(h) for h in halts[:n_cleared])
-        return Gate(tuple(json.loads(h) for h in halts[n_cleared:]), bool(lost), status == "reserved", refusal,
-                    now, cleared)
+        return Gate(tuple(json.loads(h) for h in halts[n_cleared:]), bool(lost), bool(held_plain), refusal,
+                    now, cleared, bool(held_cap), None if mode == -1 else bool(mode))
 
     def settle(self, reservation_id, account, usd, budgets=()):
         """Replace a reservation with the metered cost; idempotent per id (None: a cost
@@ -247,21 +273,64 @@ class RedisStore:
         try:
             return self._settle(reservation_id, account, micro, budgets)
         except StoreUnavailable:
-            with self._lock:
-                if len(self._pending) < MAX_PENDING_SETTLES:
-                    self._pending.append((reservation_id, account, micro))
-                else:
-                    log.error("dropping a settle of %d micro-USD: %d are already waiting for Redis",
-                              micro, MAX_PENDING_SETTLES)
+            self._keep((reservation_id, account, micro, None))
             raise
 
-    def _settle(self, reservation_id, account, micro, budgets):
+    def settle_cap(self, reservation_id, account, usd, cap):
+        """Release the extra-usage cap's hold of a reservation (if it had one) and count
+        `usd`, the cost of an answer served from extra usage (0 when it was not), against
+        the cap; idempotent per id. Returns the cap's Spend after settling. On
+        StoreUnavailable the settle is kept and retried by the heartbeat."""
+        hold_id = (reservation_id or new_id()) + CAP_SUFFIX
+        micro = max(0, to_micro(usd))
+        with self._lock:
+            self._in_flight.discard(hold_id)
+        try:
+            return self._settle(hold_id, account, micro, (), cap)
+        except StoreUnavailable:
+            self._keep((hold_id, account, micro, cap))
+            raise
+
+    def _keep(self, entry):
+        with self._lock:
+            if len(self._pending) < MAX_PENDING_SETTLES:
+                self._pending.append(entry)
+                return
+        log.error("dropping a settle of %d micro-USD: %d are already waiting for Redis", entry[2], MAX_PENDING_SETTLES)
+
+    def _settle(self, reservation_id, account, micro, budgets, cap=None):
+        """SETTLE (budgets), or CAP_SETTLE with `cap`: then the cap's Spend."""
+        if cap is not None:
+            cap = BudgetRef(*cap)
+            args = [reservation_id, account, micro, SETTLED_MEMORY_MS, *_budget_args(cap)]
+            _counted, _held, _now, *numbers = self._run("cap_settle", args)
+            return _spends((cap,), numbers)[cap.id]
         budgets = tuple(BudgetRef(*b) for b in budgets)
         args = [reservation_id, account, micro, SETTLED_MEMORY_MS]
         for budget in budgets:
             args += _budget_args(budget)
         _counted, _held, _now, *numbers = self._run("settle", args)
         return _spends(budgets, numbers)
+
+    def extra_mode(self, cap, on):
+        """Record whether the cap's scope (`cap`: its BudgetRef) is in extra usage: its
+        last answer was served from it (True) or from the subscription (False). Returns
+        the previous mode. Back on the subscription, a recorded "halt" crossing of the cap
+        becomes "warn" (redis_lua.EXTRA_MODE says why)."""
+        cap = BudgetRef(*cap)
+        field = _crossing_field(*cap.crossing) if cap.crossing else ""
+        return self._run("extra_mode", [cap.scope, "1" if on else "0", field]) == "1"
+
+    def cap_status(self, window_ms, every_account):
+        """[(account label or "*", spent micro, reserved micro, in extra usage)] of the
+        extra-usage cap: every account seen (`every_account`, account scope) or all
+        traffic together."""
+        _now, *flat = self._run("cap_status", [window_ms, "account" if every_account else "proxy"])
+        out = []
+        for i in range(0, len(flat), 4):
+            scope = flat[i][2:]                         # "x:*" or "x:a:<label>"
+            out.append(("*" if scope == "*" else scope[2:], flat[i + 1], flat[i + 2], bool(flat[i + 3])))
+        return out
 
     def spent(self, budgets):
         """{budget id: Spend} now: spend in each window and reservations in flight."""
@@ -346,7 +415,7 @@ class RedisStore:
             pending, self._pending = self._pending, []
         try:
             while pending:
-                self._settle(*pending[0], ())
+                self._replay(pending[0])
                 pending.pop(0)
         except StoreUnavailable:
             log.warning("%d settled costs could not reach the Redis store at %s; they are not counted",
@@ -486,13 +555,18 @@ class RedisStore:
                     with self._lock:
                         self._in_flight.difference_update(lost)
                 while pending:
-                    self._settle(*pending[0], ())
+                    self._replay(pending[0])
                     pending.pop(0)
             except StoreUnavailable as err:
                 log.debug("heartbeat: %s", err)
             if pending:
                 with self._lock:
                     self._pending[:0] = pending
+
+    def _replay(self, entry):
+        """Retry a settle kept while Redis was unavailable."""
+        hold_id, account, micro, cap = entry
+        self._settle(hold_id, account, micro, (), cap)
 
     def _listen(self, callback):
         backoff = 0.1
@@ -553,9 +627,8 @@ def _crossing_field(key, metric):
 
 
 def _budget_args(budget):
-    scope = "*" if budget.account == "*" else "a:" + budget.account
     field = _crossing_field(*budget.crossing) if budget.crossing else ""
-    return [scope, budget.window_ms, budget.limit_micro, field]
+    return [budget.scope, budget.window_ms, budget.limit_micro, field]
 
 
 def _spends(budgets, numbers):

@@ -217,7 +217,8 @@ class Exchange:
         finally:
             if self.ticket is not None:         # never finished: release what it held
                 ticket, self.ticket = self.ticket, None
-                ticket.settle(self.record["account"], self.worst_usd if self.sent else 0.0, self.request_info())
+                ticket.settle(self.record["account"], self.worst_usd if self.sent else 0.0, self.request_info(),
+                              extra=self.sent and self._extra_usage(ticket))
 
     def _run(self):
         record = self.record
@@ -414,7 +415,16 @@ class Exchange:
         if estimated:
             record["usageEstimated"] = True
             record["costUsd"] = math.ceil(self.worst_usd * 1e6) / 1e6      # rounded up, never down
+        extra = self.ticket is not None and self._extra_usage(self.ticket)
         record = self.server.store.add(record)
         if self.ticket is not None:
             ticket, self.ticket = self.ticket, None
-            ticket.settle(record["account"], record["costUsd"], self.request_info())
+            ticket.settle(record["account"], record["costUsd"], self.request_info(), extra=extra)
+
+    def _extra_usage(self, ticket):
+        """Does this request's cost count against the extra-usage cap? When its answer was
+        served from extra usage; or, when no answer head was seen (the client left, the
+        upstream failed), when it was sent while its account was in extra usage."""
+        if "billingSignal" in self.record:          # the answer's head was read (_observe)
+            return guard_mod.served_from_extra_usage(self.record)
+        return ticket.capped

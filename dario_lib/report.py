@@ -59,6 +59,9 @@ def status_text(status, now=None, command=guardtext.DEFAULT_COMMAND):
     else:
         cooldown = f"cooldown {duration(cfg['cooldownMs'] / 1000)}" if cfg["cooldownMs"] else "manual resume"
         lines.append(f"guard:    normal ({cfg['behavior']}, {cooldown})")
+    for text, _level in guardtext.extra_usage_lines(status.get("extraUsage"),
+                                                    (guard.get("guards") or {}).get("extraUsage")):
+        lines.append(f"  {text}")
     outcomes = ", ".join(f"{name} {count}" for name, count in status["outcomes"].items() if count)
     lines.append(f"requests: {status['requests']}" + (f" ({outcomes})" if outcomes else ""))
     claims = status.get("lastClaims") or []

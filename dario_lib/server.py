@@ -42,6 +42,7 @@ except ImportError:                 # not on Windows
 from . import __version__, guardtext, proxy
 from .alerts import Alerts
 from .budgets import Budgets, Ledger
+from .config import _STORE_FIELD_OF
 from .events import EventBus
 from .guard import Guard
 from .handler import Handler
@@ -49,12 +50,12 @@ from .linger import Lingerer, MAX_SOCKETS as LINGER_SOCKETS
 from .notify import Notifier, secrets_of
 from .records import RecordStore
 from .redis_store import MissingDependency, open_store
+from .reply import prebuilt
 from .statefile import StateFile
 from .team import TeamGuard
 from .team_budgets import TeamBudgets
 from .upstream import Upstream
 from .watchdog import Watchdog
-from .reply import prebuilt
 
 log = logging.getLogger(__name__)
 
@@ -335,9 +336,10 @@ class GatewayServer(ThreadingHTTPServer):
         settings, which are swapped in as one reference.
         """
         old = self.settings
-        restart = [name for name, attr in (("host", "host"), ("port", "port"), ("maxRecords", "max_records"),
-                                           ("store", "store"))
+        restart = [name for name, attr in (("host", "host"), ("port", "port"), ("maxRecords", "max_records"))
                    if getattr(old, attr) != getattr(settings, attr)]
+        restart += [name for name, attr in _STORE_FIELD_OF.items()
+                    if getattr(old.store, attr) != getattr(settings.store, attr)]
         settings = dataclasses.replace(settings, host=old.host, port=old.port, max_records=old.max_records,
                                        store=old.store)
         if _upstream_key(settings) != _upstream_key(old):
@@ -385,6 +387,7 @@ class GatewayServer(ThreadingHTTPServer):
                 "resumeCommand": self.guard.resume_command,
             },
             "budgets": self.budgets.status(),
+            "extraUsage": self.guard.extra_usage_status(self.budgets),
             "store": self.guard.status() if self.team is not None else {"kind": "file", "home": settings.home},
             "alerts": {"command": bool(settings.notify_command), "webhook": bool(settings.notify_webhook)},
             "requests": summary["requests"],

@@ -22,6 +22,13 @@ store's own guarantees); `team_budgets.TeamBudgets` does the same for `budgets.B
   alert channels fire once per team event.
 - Time: halts are stamped on Redis's clock (this gateway's clock plus the offset the
   store's last answer showed), so a cooldown ends at the same instant on every host.
+- The extra-usage cap (`overageGuard.allowExtraUsage`) is kept in Redis like a budget:
+  each gate passes the cap of the request's halt key (`BudgetRef.cap`), which Redis holds
+  only while that key is in extra usage (written by `observe` when an answer's mode
+  differs from what the last gate said); a ticket's `TeamSettle` settles the budgets
+  through TeamBudgets and the cap's hold and extra-usage cost through the store, then
+  records the cap's level (warn, halt) like a budget's. While Redis is down the cap
+  cannot be kept: an answer served from extra usage then halts, as without a cap.
 - Redis unreachable or slower than `store.timeoutMs`: guarded requests get a retryable
   503 `store_unavailable` (fail closed), or with `store.failOpen` go out on this
   gateway's own view of the halts. A halt this gateway makes meanwhile holds here and
@@ -42,9 +49,9 @@ import threading
 from types import MappingProxyType
 
 from . import guardtext, statefile, wire
-from .budgets import Ticket
-from .guard import ALL, GO, OVERAGE, Guard, Halt, Verdict, _billing_signal, _run
-from .redis_store import ALL as STORE_ALL, STATE_LOST, Reserve, StoreUnavailable, new_id
+from .budgets import EXTRA_METRIC, Ticket, cap_detail
+from .guard import ALL, GO, OVERAGE, Guard, Halt, Verdict, _billing_signal, _run, extra_usage_mode
+from .redis_store import ALL as STORE_ALL, MICRO, STATE_LOST, BudgetRef, Reserve, StoreUnavailable, new_id
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +95,7 @@ class TeamGuard(Guard):
         self._open_line_at = None       # clock seconds of the last fail-open line
         self._stop = threading.Event()
         self._thread = None
+        self._cap_rows = []             # the extra-usage cap's last status read from Redis
 
     def _now_ms(self):
         return int(self._clock() * 1000) + self._offset_ms
@@ -103,10 +111,10 @@ class TeamGuard(Guard):
         if self._unwritten and not self._down:
             self._write_pending()
         reserve = None
-        if budgets is not None and budgets.active:
-            refs = budgets.refs(account)
-            if refs:
-                reserve = Reserve(new_id(), worst_usd, refs)
+        refs = budgets.refs(account) if budgets is not None and budgets.active else ()
+        cap = self._cap_ref(account)
+        if refs or cap is not None:
+            reserve = Reserve(new_id(), worst_usd, refs + ((cap,) if cap is not None else ()))
         try:
             gate = self.store.gate(account, reserve)
         except StoreUnavailable:
@@ -114,7 +122,14 @@ class TeamGuard(Guard):
         self._learn_time(gate.now_ms)
         if self._down:
             self._back()
-        ticket = Ticket(budgets, reserve.id, worst_usd) if gate.reserved else None
+        if cap is not None and gate.extra_mode is not None:
+            with self._lock:
+                self._extra[cap.crossing[0]] = gate.extra_mode
+        ticket = None
+        if gate.reserved or cap is not None:
+            # With a cap every request settles: its answer may turn out to be extra usage.
+            settler = TeamSettle(self, budgets if gate.reserved else None, cap, gate.cap_held)
+            ticket = Ticket(settler, reserve.id, worst_usd, gate.cap_held)
         if gate.halts or gate.cleared or self._unwritten:
             halt = self._learn_gate(gate, account)
             if halt is not None:
@@ -141,13 +156,24 @@ class TeamGuard(Guard):
                         self.store.host)
         if halt is not None:
             return Verdict(self.blocked_response(halt))
-        if budgets is not None and budgets.active and budgets.refs(account):
+        counted = budgets is not None and budgets.active and bool(budgets.refs(account))
+        cap = self._cap_ref(account)
+        if counted or cap is not None:
             # No reservation: its cost is settled when the store answers again (the store
             # keeps failed settles and retries them).
-            return Verdict(None, Ticket(budgets, None, worst_usd))
+            return Verdict(None, Ticket(TeamSettle(self, budgets if counted else None, cap, False), None, worst_usd))
         return GO
 
     def _refused(self, budgets, refusal):
+        if refusal.budget.extra:
+            if refusal.spent_micro >= refusal.budget.limit_micro:
+                halt = self._record_cap(refusal.budget, None, {})       # records the crossing: halts
+                if halt is not None:
+                    return Verdict(self.blocked_response(halt))
+            cap = self.config.allow_extra_usage
+            public = dict(cap.public() if cap is not None else {}, account=refusal.budget.account)
+            return Verdict(guardtext.cap_refusal_response(public, refusal.spent_micro / MICRO,
+                                                          refusal.reserved_micro / MICRO))
         if refusal.spent_micro >= refusal.budget.limit_micro:
             # Spend is past the limit but the crossing is not recorded yet (the settle that
             # crossed is still on its way): record it here, which halts the team.
@@ -179,10 +205,17 @@ class TeamGuard(Guard):
         config = self.config
         signal = _billing_signal(rate)
         overage = config.enabled and signal is not None
+        key = self._key(request.get("account"))
+        cap = self._cap_ref(request.get("account"))
+        # While Redis is down the cap cannot be kept: extra usage halts, as without a cap.
+        mode = extra_usage_mode(rate) if cap is not None and not self._down else None
+        if mode is not None:
+            self._extra_mode(cap, mode)
+            if mode:
+                overage = False             # under the cap: the settle counts it
         crossings = self._crossings(rate)
         if not overage and not crossings:
             return None
-        key = self._key(request.get("account"))
         halt = None
         if overage:
             detail = {"claim": rate.get("claim"), "signal": signal}
@@ -194,6 +227,83 @@ class TeamGuard(Guard):
         if crossings:
             halt = self.record([(key, *crossing, None) for crossing in crossings], request) or halt
         return halt
+
+    # -- the extra-usage cap --------------------------------------------------------
+
+    def _cap_ref(self, account):
+        """The extra-usage cap of this account's halt key, as the store keeps it, or None."""
+        cap = self.extra_usage_cap
+        return None if cap is None else BudgetRef.cap(cap, self._key(account), EXTRA_METRIC)
+
+    def _extra_mode(self, cap, mode):
+        """Tell the team this key's answers are (or are no longer) served from extra usage;
+        a round trip only when the last gate said otherwise."""
+        key = cap.crossing[0]
+        with self._lock:
+            if self._extra.get(key, False) == mode:
+                return
+        try:
+            previous = self.store.extra_mode(cap, mode)
+        except StoreUnavailable as err:
+            log.debug("extra-usage mode not recorded: %s", err)
+            return
+        with self._lock:
+            self._extra[key] = mode
+        if previous != mode:
+            whom = "all traffic" if key is None else f"account {key}"
+            if mode:
+                config = self.config.allow_extra_usage
+                log.warning("EXTRA USAGE: answers for %s are served from extra usage; the team goes on up to "
+                            "the cap (overageGuard.allowExtraUsage: $%.2f per %s)", whom, config.usd, config.window)
+            else:
+                log.info("answers for %s come from the subscription again", whom)
+
+    def settle_cap(self, cap, reservation, account, usd, request):
+        """Settle a request's part of the extra-usage cap (see TeamSettle); trip on a crossing."""
+        try:
+            spend = self.store.settle_cap(reservation, account, usd, cap)
+        except StoreUnavailable as err:
+            log.debug("cap settle deferred (the store retries it): %s", err)
+            return
+        if usd > 0:
+            self._record_cap(cap, spend, request)
+
+    def _record_cap(self, cap, spend, request):
+        """Record the cap's level (`spend`: its Spend, None: read it now); the Halt made, or None."""
+        config = self.config.allow_extra_usage
+        if config is None:
+            return None
+        if spend is None:
+            try:
+                spend = self.store.spent([cap])[cap.id]
+            except StoreUnavailable:
+                return None
+        spent = spend.spent_micro
+        level = ("halt" if spent >= cap.limit_micro else
+                 "warn" if spent >= cap.limit_micro * config.warn_at else None)
+        detail = cap_detail(config.budget(cap.account), spent / MICRO)
+        return self.record([(*cap.crossing, level, guardtext.EXTRA_WARNING, guardtext.EXTRA_CAP, detail,
+                             spend.roll_ms)], request)
+
+    def extra_usage_status(self, budgets=None):
+        """The team's extra-usage cap and its spend (as Guard.extra_usage_status), the last
+        seen while Redis is down; None without a cap."""
+        cap = self.extra_usage_cap
+        if cap is None:
+            return None
+        account_scope = self.config.scope == "account"
+        try:
+            rows = self.store.cap_status(cap.window_ms, account_scope)
+        except StoreUnavailable:
+            with self._lock:
+                rows = list(self._cap_rows)
+        else:
+            with self._lock:
+                self._cap_rows = rows
+        return dict(cap.public(), scope="account" if account_scope else "proxy",
+                    caps=[{"account": label, "spentUsd": round(spent / MICRO, 6),
+                           "reservedUsd": round(reserved / MICRO, 6), "inExtraUsage": mode}
+                          for label, spent, reserved, mode in rows])
 
     def cross(self, account, metric, level, request, detail, warn_reason, halt_reason, cooldown_until=None):
         """A threshold trip from outside: fires on the one gateway that saw it rise."""
@@ -601,3 +711,20 @@ class TeamGuard(Guard):
 
 def _frozen(value):
     return MappingProxyType(dict(value) if isinstance(value, dict) else {})
+
+
+class TeamSettle:
+    """What a team ticket settles with (budgets.Ticket calls `settle`): the budgets'
+    reservation through team_budgets.TeamBudgets, and the request's part of the
+    extra-usage cap (its hold, and its cost when the answer was served from extra usage)
+    through the store. Two round trips at most; each keeps its own promise (the cap's
+    hold stays until its own settle)."""
+
+    def __init__(self, guard, budgets, cap, held):
+        self.guard, self.budgets, self.cap, self.held = guard, budgets, cap, held
+
+    def settle(self, reservation, account, usd, request, extra=False):
+        if self.budgets is not None:
+            self.budgets.settle(reservation, account, usd, request)
+        if self.cap is not None and (self.held or (extra and usd > 0)):
+            self.guard.settle_cap(self.cap, reservation, account, usd if extra else 0.0, request)

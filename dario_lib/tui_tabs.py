@@ -158,6 +158,8 @@ def guard_headroom(status):
         style = "bad" if spent >= usd else "warn" if spent >= usd * budget.get("warnAt", 0.8) else "normal"
         lines.append((f"${spent:.2f} of ${usd:.2f} per {budget.get('window')} for {budget.get('account')}",
                       style))
+    for text, level in guardtext.extra_usage_lines(status.get("extraUsage"), guards.get("extraUsage")):
+        lines.append((text, level))
     return lines
 
 

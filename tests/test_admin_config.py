@@ -57,7 +57,7 @@ def test_get_shows_the_file_and_every_value_in_force_with_credentials_masked(sim
     assert state["sources"]["overageGuard.behavior"] == "flag"
     assert state["sources"]["overageGuard.cooldownMs"] == "file"
     assert state["sources"]["overageGuard.notifyOs"] == "default"
-    assert state["pending"] == []
+    assert state["pending"] == ["store.url"]        # the file names a store the gateway is not on
 
 
 def test_put_saves_the_gateways_own_file_and_applies_it_at_once(applying, home):
@@ -247,8 +247,16 @@ def test_a_file_nested_deeper_than_an_answer_can_be_is_never_a_500(applying, hom
         assert (home / "config.json").read_text() == text
 
 
-def test_pending_says_whether_the_in_flight_allowances_took_the_new_size(applying, home):
+def test_the_in_flight_allowances_follow_a_change_at_once(applying, home):
     answer = put(applying, {"maxBodyBytesInFlight": 1 << 21})
     assert answer.status_code == 200, answer.text
-    # Pending exactly when the running gateway still holds the old size.
-    assert ("maxBodyBytesInFlight" in answer.json()["pending"]) == (applying.bodies.limit != 1 << 21)
+    assert "maxBodyBytesInFlight" not in answer.json()["pending"] and applying.bodies.limit == 1 << 21
+
+
+def test_a_store_change_is_saved_and_pending_until_a_restart(applying, home):
+    answer = put(applying, {"store.namespace": "team-b"})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["pending"] == ["store.namespace"]
+    assert applying.settings.store.namespace == "dario"
+
+

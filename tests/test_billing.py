@@ -250,3 +250,10 @@ def test_statuses_name_the_unified_status_and_each_windows():
     # The unified status is always there (None when absent), so a guard re-arms on it as before.
     assert billing.statuses(billing.parse_ratelimit(Headers())) == [("unifiedStatus", None)]
     assert billing.statuses({"unifiedStatus": "rejected"}) == [("unifiedStatus", "rejected")]
+
+
+def test_of_several_non_subscription_claims_an_api_one_wins_over_overage():
+    rate = billing.parse_ratelimit(_headers(("representative-claim", "overage, api")))
+    assert rate["billingSignal"] == "representative-claim=api" and rate["bucket"] == billing.API
+    rate = billing.parse_ratelimit(_headers(("representative-claim", "five_hour"), ("representative-claim", "overage")))
+    assert rate["billingSignal"] == "representative-claim=overage" and rate["bucket"] == billing.EXTRA_USAGE

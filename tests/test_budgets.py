@@ -21,8 +21,11 @@ def ledger(tmp_path, text):
 
 def test_good_entries_load_and_a_torn_last_line_is_skipped(tmp_path):
     text = ('{"t": 1, "account": "key:aaaaaaaa", "usd": 0.25}\n'
-            '{"t": 2, "account": "me", "usd": 0}\n{"t": 3, "acc')
-    assert ledger(tmp_path, text).load() == [(1, "key:aaaaaaaa", 0.25), (2, "me", 0.0)]
+            '{"t": 2, "account": "me", "usd": 0}\n'
+            '{"t": 3, "account": "me", "usd": 0.5, "extra": true}\n{"t": 4, "acc')
+    assert ledger(tmp_path, text).entries() == [(1, "key:aaaaaaaa", 0.25, False), (2, "me", 0.0, False),
+                                                (3, "me", 0.5, True)]
+    assert ledger(tmp_path, text).load() == [(1, "key:aaaaaaaa", 0.25), (2, "me", 0.0), (3, "me", 0.5)]
 
 
 @pytest.mark.parametrize("entry", [
@@ -45,6 +48,9 @@ def test_good_entries_load_and_a_torn_last_line_is_skipped(tmp_path):
     '{"t": 1, "account": "", "usd": 1}',
     '{"t": 1, "account": 7, "usd": 1}',
     '{"t": 1, "account": "' + "x" * 201 + '", "usd": 1}',
+    '{"t": 1, "account": "a", "usd": 1, "extra": 1}',
+    '{"t": 1, "account": "a", "usd": 1, "extra": "true"}',
+    '{"t": 1, "account": "a", "usd": 1, "extra": null}',
     '[1, "a", 1]',
     '"text"',
     'not json',
@@ -63,7 +69,11 @@ def test_append_and_compaction_never_write_a_bad_value(tmp_path):
             book.rewrite([(1, "a", bad)])
     assert not (tmp_path / "spend-ledger.jsonl").exists()
     book.append(1, "a", 0.5)
-    assert book.load() == [(1, "a", 0.5)]
+    book.append(2, "a", 0.25, extra=True)
+    assert book.entries() == [(1, "a", 0.5, False), (2, "a", 0.25, True)]
+    book.rewrite(book.entries())
+    assert '"extra": true' in (tmp_path / "spend-ledger.jsonl").read_text().splitlines()[1]
+    assert book.entries() == [(1, "a", 0.5, False), (2, "a", 0.25, True)]
 
 
 def test_a_symlinked_ledger_is_neither_read_nor_appended_through(tmp_path):
@@ -90,6 +100,8 @@ def test_a_cost_that_is_not_a_number_charges_the_reservation(tmp_path):
     from dario_lib.config import Budget
 
     class Guard:
+        extra_usage_cap = None
+
         def cross(self, *args, **kwargs):
             return None
 

@@ -191,3 +191,35 @@ def test_utilization_thresholds_refuse_a_name_no_window_can_have(tmp_path, name)
     assert "guards.utilization" in settings.warnings[0] and "window name such as 5h, 7d" in settings.warnings[0]
     with pytest.raises(config.ConfigError, match="util5h, util7d, overageUtil or a rate-limit window name"):
         config.parse_value("guards.utilization", json.dumps({name: {"halt": 0.9}}))
+
+
+# -- overageGuard.allowExtraUsage: capped extra usage (issue 14) -------------------------
+
+def test_allow_extra_usage_is_a_cap_validated_like_a_budget(tmp_path):
+    assert config.resolve({}, {"DARIO_HOME": str(tmp_path)}).guard.allow_extra_usage is None
+    write(tmp_path, {"overageGuard": {"allowExtraUsage": {"usd": 5}}})
+    settings = config.resolve({}, {"DARIO_HOME": str(tmp_path)})
+    cap = settings.guard.allow_extra_usage
+    assert (cap.usd, cap.window, cap.window_ms, cap.warn_at) == (5.0, "1d", 86_400_000, 0.8)
+    assert settings.guard.guards()["extraUsage"] == {"usd": 5.0, "window": "1d", "warnAt": 0.8}
+    assert cap.budget("key:a") == config.Budget("key:a", 5.0, "1d", 86_400_000, 0.8, extra=True)
+    parsed = config.parse_value("overageGuard.allowExtraUsage", '{"usd": 0.5, "window": "90d", "warnAt": 1}')
+    assert parsed.public() == {"usd": 0.5, "window": "90d", "warnAt": 1.0}
+    assert config.parse_value("overageGuard.allowExtraUsage", "null") is None
+    # Saved as the config file writes it, and read back the same.
+    raw = config.with_value({}, "overageGuard.allowExtraUsage", parsed)
+    assert raw == {"overageGuard": {"allowExtraUsage": {"usd": 0.5, "window": "90d", "warnAt": 1.0}}}
+    assert config.with_value(raw, "overageGuard.allowExtraUsage", None) == {"overageGuard": {}}
+
+
+@pytest.mark.parametrize("value", [{"usd": 0}, {"usd": -1}, {"usd": 1_000_001}, {"usd": True}, {"usd": "5"},
+                                   {}, {"usd": 5, "window": "91d"}, {"usd": 5, "window": "0d"},
+                                   {"usd": 5, "window": "1w"}, {"usd": 5, "warnAt": 1.5},
+                                   {"usd": 5, "warnAt": -0.1}, {"usd": 5, "account": "*"}, [5], 5, "5", True])
+def test_allow_extra_usage_refuses_what_is_not_a_cap(tmp_path, value):
+    write(tmp_path, {"overageGuard": {"allowExtraUsage": value}})
+    settings = config.resolve({}, {"DARIO_HOME": str(tmp_path)})
+    assert settings.guard.allow_extra_usage is None
+    assert len(settings.warnings) == 1 and "overageGuard.allowExtraUsage" in settings.warnings[0]
+    with pytest.raises(config.ConfigError, match="usd above 0 up to 1000000"):
+        config.parse_value("overageGuard.allowExtraUsage", json.dumps(value))

@@ -48,6 +48,10 @@ def halt(reason="overage_detected", detail=None, account=None, until=SINCE + 1_8
     ("budget_exceeded", {"spentUsd": 3, "budgetUsd": 2.5, "window": "12h", "budgetAccount": "team"},
      "spent $3.00 of the $2.50 budget per 12h for account team"),
     ("budget_ledger_error", {"error": "x"}, "the spend ledger cannot be trusted"),
+    ("extra_usage_cap", {"spentUsd": 5.02, "capUsd": 5, "window": "1d", "capAccount": "*"},
+     "extra usage $5.02 of the $5.00 cap per 1d for all accounts"),
+    ("extra_usage_cap", {"spentUsd": 1.2, "capUsd": 1, "window": "12h", "capAccount": "key:abcd1234"},
+     "extra usage $1.20 of the $1.00 cap per 12h for account key:abcd1234"),
     ("state_file_corrupt", {"error": "x"}, "the saved guard state is unreadable"),
     ("something_new", {}, "something new"),
 ])
@@ -62,6 +66,10 @@ def test_a_warning_title_names_the_warn_threshold():
     event = {"timestamp": 1, "reason": "budget_warning", "request": REQUEST,
              "detail": {"spentUsd": 0.51, "budgetUsd": 1, "window": "1d", "budgetAccount": "*", "warnAt": 0.5}}
     assert title(event) == "spent $0.51 of the $1.00 budget per 1d for all accounts (warn at 50%)"
+    event = {"timestamp": 1, "reason": "extra_usage_warning", "request": REQUEST,
+             "detail": {"spentUsd": 4.1, "capUsd": 5, "window": "1d", "capAccount": "*", "warnAt": 0.8}}
+    assert title(event) == "extra usage $4.10 of the $5.00 cap per 1d for all accounts (warn at 80%)"
+    assert guardtext.warn_line(event).startswith("GUARD WARNING (extra_usage_warning): extra usage $4.10")
 
 
 def test_the_cause_names_the_request_and_the_evidence():
@@ -83,7 +91,7 @@ FIELDS = st.fixed_dictionaries({}, optional={
     "request": st.dictionaries(st.sampled_from(["model", "account", "claim"]), JSON) | JSON,
     "detail": st.dictionaries(st.sampled_from(["claim", "signal", "metric", "value", "threshold", "spentUsd",
                                                "budgetUsd", "window", "budgetAccount", "warnAt", "error",
-                                               "status"]), JSON) | JSON})
+                                               "status", "capUsd", "capAccount"]), JSON) | JSON})
 
 
 @given(st.one_of(FIELDS, JSON))
@@ -92,8 +100,10 @@ def test_no_function_raises_on_whatever_a_remote_gateway_sends(item):
                guardtext.warn_line, guardtext.warn_notification, halt_notification,
                lambda h: guardtext.resume_line(h, h), lambda h: guardtext.shared_halt_line(h, "/x"),
                lambda h: blocked_response(h, 0), lambda h: refusal_response(h, 1, 2),
-               lambda h: guardtext.reason_name(h)):
+               lambda h: guardtext.reason_name(h), lambda h: guardtext.cap_refusal_response(h, 1, 2)):
         assert isinstance(fn(item), (str, tuple))
+    assert isinstance(guardtext.extra_usage_lines(item, item), list)
+    assert isinstance(guardtext.extra_usage_lines({"usd": 5, "caps": item}), list)
 
 
 # -- the 503 and the hold-back ----------------------------------------------------------
@@ -122,6 +132,45 @@ def test_a_budget_halt_says_when_the_window_rolls():
     _, body = blocked_response(halt("budget_exceeded", {"spentUsd": 2, "budgetUsd": 1, "window": "1h",
                                                         "budgetAccount": "*"}), SINCE)
     assert "when enough spend has aged out of the budget's window" in body["error"]["message"]
+
+
+def test_an_extra_usage_cap_halt_says_why_and_when_the_window_rolls():
+    headers, body = blocked_response(halt("extra_usage_cap", {"spentUsd": 5.1, "capUsd": 5, "window": "1d",
+                                                              "capAccount": "*"}), SINCE)
+    assert headers == {"x-should-retry": "false", "Retry-After": "1800"}
+    error = body["error"]
+    assert error["type"] == "dario_guard" and error["reason"] == "extra_usage_cap"
+    assert error["message"].startswith("dario halted (extra_usage_cap): extra usage $5.10 of the $5.00 cap per "
+                                       "1d for all accounts, seen on a claude-opus-4-5 response. Answers were "
+                                       "being served from extra usage (overageGuard.allowExtraUsage)")
+    assert "when enough extra-usage spend has aged out of the cap's window" in error["message"]
+
+
+def test_the_extra_usage_hold_back_is_retryable_and_says_how_to_raise_the_cap():
+    cap = {"usd": 5, "window": "1d", "warnAt": 0.8, "account": "key:abcd1234"}
+    headers, body = guardtext.cap_refusal_response(cap, 4.5, 0.6)
+    assert headers == {"Retry-After": "5"}
+    assert body["error"]["reason"] == "extra_usage_cap" and body["error"]["type"] == "dario_guard"
+    assert ("the $5.00 extra-usage cap per 1d for account key:abcd1234 is fully committed ($4.50 spent, $0.60 "
+            "reserved by requests in flight). Retry when they finish, or raise overageGuard.allowExtraUsage.") \
+        in body["error"]["message"]
+
+
+def test_the_extra_usage_headroom_lines():
+    extra = {"usd": 5, "window": "1d", "warnAt": 0.8, "scope": "proxy",
+             "caps": [{"account": "*", "spentUsd": 1.2, "reservedUsd": 0, "inExtraUsage": False}]}
+    assert guardtext.extra_usage_lines(extra) == [("extra usage $1.20 of $5.00 per 1d", "normal")]
+    extra["caps"] = [{"account": "key:a", "spentUsd": 4.2, "reservedUsd": 0.3, "inExtraUsage": True},
+                     {"account": "key:b", "spentUsd": 5, "reservedUsd": 0, "inExtraUsage": False}]
+    assert guardtext.extra_usage_lines(extra) == [
+        ("extra usage $4.20 of $5.00 per 1d for key:a (+$0.30 in flight), in use", "warn"),
+        ("extra usage $5.00 of $5.00 per 1d for key:b", "bad")]
+    # Only the configured cap (a gateway without the figures): it is still shown.
+    assert guardtext.extra_usage_lines(None, {"usd": 5, "window": "1d", "warnAt": 0.8}) == [
+        ("extra usage cap $5.00 per 1d", "normal")]
+    assert guardtext.extra_usage_lines({"usd": 5, "window": "1d", "scope": "account", "caps": []}) == [
+        ("extra usage cap $5.00 per 1d per account, none spent", "normal")]
+    assert guardtext.extra_usage_lines(None, None) == []
 
 
 def test_the_hold_back_is_retryable():

@@ -587,7 +587,7 @@ def test_status_and_metrics_count_round_trips(make_store):
 
 def test_without_the_redis_package_building_a_store_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "redis", None)
-    with pytest.raises(MissingDependency, match=r"pip install 'dario\[redis\]'"):
+    with pytest.raises(MissingDependency, match=r"pip install 'redis>=5.0'"):
         open_store(config.StoreConfig(url="redis://127.0.0.1:1/0"))
     assert open_store(config.StoreConfig()) is None         # the file store needs nothing
 
@@ -632,3 +632,71 @@ def test_store_namespace_and_numbers_are_checked(tmp_path):
     assert values == {"store.namespace": "team-1:prod", "store.failOpen": True,
                       "store.reservationTtlS": 5, "store.timeoutMs": 100}
     assert len(warnings) == 1 and "hunter2" not in warnings[0]
+
+
+# -- the extra-usage cap (overageGuard.allowExtraUsage) ----------------------------------
+
+def cap_ref(usd=1.0, key=None, window_ms=DAY_MS):
+    return BudgetRef.cap(config.ExtraUsageCap(usd, "1d", window_ms), key)
+
+
+def test_the_cap_is_held_only_while_in_extra_usage_and_apart_from_budgets(make_store):
+    a, b = make_store("A"), make_store("B")
+    budget, cap = budget_ref(100.0), cap_ref(1.0)
+    assert cap.scope == "x:*" and cap_ref(1.0, "alice").scope == "x:a:alice"
+    gate = a.gate("alice", Reserve("r1", 0.6, (budget, cap)))
+    assert gate.reserved and not gate.cap_held and gate.extra_mode is False
+    assert a.extra_mode(cap, True) is False and b.extra_mode(cap, True) is True
+    gate = a.gate("alice", Reserve("r2", 0.6, (budget, cap)))
+    assert gate.reserved and gate.cap_held and gate.extra_mode is True
+    assert b.gate("bob", Reserve("r3", 0.6, (cap,))).cap_held                 # 0 + 0.6 < 1: room
+    refused = b.gate("bob", Reserve("r4", 0.01, (budget, cap)))
+    assert refused.refusal.budget == cap and (refused.refusal.spent_micro, refused.refusal.reserved_micro) == \
+        (0, 1_200_000)
+    assert a.spent([budget])[budget.id].reserved_micro == 1_200_000      # r1 and r2: the cap's holds apart
+    # r2's answer came from the subscription after all: its hold goes, nothing counts for the cap.
+    assert a.settle_cap("r2", "alice", 0.0, cap)[:2] == (0, 600_000)
+    a.settle("r2", "alice", 0.4, (budget,))
+    # r3 was served from extra usage: it counts, once (idempotent), against the cap only there.
+    assert b.settle_cap("r3", "bob", 0.7, cap)[:2] == (700_000, 0)
+    assert b.settle_cap("r3", "bob", 0.7, cap)[:2] == (700_000, 0)
+    assert a.spent([budget])[budget.id][:2] == (400_000, 600_000)           # r1 still holds the budget
+    # Account by account (account scope): alice has nothing in this cap's series, so is not listed.
+    assert a.cap_status(DAY_MS, True) == [("bob", 700_000, 0, False)]
+    assert a.cap_status(DAY_MS, False) == [("*", 700_000, 0, True)]
+    # A settle without a hold (the request went out before the key was in extra usage).
+    spend = a.settle_cap(None, "carol", 0.4, cap)
+    assert spend.spent_micro == 1_100_000 and spend.roll_ms is not None
+    # Past the cap, not recorded yet: refused; recorded: the guard's halt decides.
+    assert a.gate("alice", Reserve("r5", 0.01, (cap,))).refusal is not None
+    a.cross(None, cap.crossing[1], "halt")
+    assert a.gate("alice", Reserve("r6", 0.01, (cap,))).cap_held
+
+
+def test_back_on_the_subscription_the_cap_is_re_armed(make_store):
+    a = make_store("A")
+    cap = cap_ref(1.0)
+    a.extra_mode(cap, True)
+    a.settle_cap(None, "alice", 1.5, cap)
+    a.cross(None, cap.crossing[1], "halt")
+    assert a.gate("alice", Reserve("r1", 0.01, (cap,))).cap_held       # resumed past the cap: goes on
+    a.settle_cap("r1", "alice", 0.0, cap)
+    assert a.extra_mode(cap, False) is True                             # an answer from the subscription
+    assert a.gate("alice", Reserve("r2", 0.01, (cap,))).extra_mode is False
+    a.extra_mode(cap, True)
+    # Back into extra usage past the cap: refused until the crossing is recorded again.
+    assert a.gate("alice", Reserve("r3", 0.01, (cap,))).refusal is not None
+    assert a.cross(None, cap.crossing[1], "halt", halt=a_halt(reason="extra_usage_cap"))[0] == "warn"
+
+
+def test_a_cap_hold_of_a_dead_gateway_expires(make_store):
+    dead = make_store("B", reservation_ttl_s=1)
+    alive = make_store("A", reservation_ttl_s=1)
+    cap = cap_ref(1.0)
+    alive.extra_mode(cap, True)
+    assert dead.gate("b", Reserve("rb", 1.0, (cap,))).cap_held
+    assert alive.gate("a", Reserve("ra", 0.2, (cap,))).refusal is not None
+    assert wait_until(lambda: alive.cap_status(DAY_MS, False)[0][2] == 0, timeout=5)
+    assert alive.gate("a", Reserve("ra", 0.2, (cap,))).cap_held
+    dead.settle_cap("rb", "b", 0.3, cap)                               # a late settle still counts, once
+    assert alive.cap_status(DAY_MS, False)[0][1:3] == (300_000, 200_000)

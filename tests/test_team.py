@@ -468,4 +468,4 @@ def test_proxy_with_a_redis_store_but_no_redis_package_exits_2_saying_what_to_in
     result = subprocess.run(DARIO + ["proxy", "--port=0", "--store=redis://127.0.0.1:1/0"], env=env,
                             capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL)
     assert result.returncode == 2
-    assert "pip install 'dario[redis]'" in result.stderr and "Traceback" not in result.stderr
+    assert "pip install 'redis>=5.0'" in result.stderr and "Traceback" not in result.stderr
