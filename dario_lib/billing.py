@@ -142,7 +142,37 @@ def _values(found, suffix):
 
 
 def parse_ratelimit(headers, extra_subscription_claims=frozenset()):
-    """Read the unified rate-limit headers of a response.
+    """Read the unified rate-limit headers of a response (see `_parse`).
+
+    Answers in a row usually carry the very same rate-limit headers, so the result is
+    remembered for the last few distinct sets (keyed by the headers' exact text): a hit
+    costs a dict copy instead of a parse, on every forwarded request. The copy is the
+    caller's; its `windows` dict is shared with other results and must not be changed.
+    """
+    found = unified(headers)
+    key = (tuple((suffix, tuple(values)) for suffix, values in found.items()), extra_subscription_claims)
+    try:
+        return dict(_parse_cached(key, found))
+    except TypeError:                   # unhashable: never from a Headers object
+        return dict(_parse(found, extra_subscription_claims))
+
+
+def _parse_cached(key, found):
+    cached = _PARSED.get(key)
+    if cached is None:
+        cached = _parse(found, key[1])
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.clear()             # rare (values changing all the time); safe from any thread
+        _PARSED[key] = cached
+    return cached
+
+
+_PARSED = {}                # parse_ratelimit's memory: (header text, claims) -> result
+_PARSED_MAX = 64
+
+
+def _parse(found, extra_subscription_claims):
+    """Read the unified rate-limit headers (`unified()`'s dict) of a response.
 
     `headers` has `.get(name)` and `.get_all(name) -> list | None`, case-insensitive
     (`headers.Headers`). Returns the record fields they feed, including `billingSignal`:
@@ -162,8 +192,6 @@ def parse_ratelimit(headers, extra_subscription_claims=frozenset()):
     records or log lines; claims are classified before bounding, so trimming a
     claim can never make it look like a subscription one.
     """
-    found = unified(headers)
-
     def h(suffix):
         values = found.get(suffix)
         return values[0] if values else None

@@ -66,6 +66,7 @@ CORRUPT_REASON = guardtext.CORRUPT
 # Halts the overage guard itself makes: cleared when it no longer halts (disabled, warn mode).
 OVERAGE_REASONS = frozenset({OVERAGE, EXTRA_CAP})
 ALL = object()          # clear(): every halt
+_UNREAD = object()       # _sync_locked(): the caller took no signature
 
 
 @dataclass(frozen=True)
@@ -466,14 +467,14 @@ class Guard:
 
     # -- the shared state file ---------------------------------------------------
 
-    def _sync_locked(self, actions, sig=None):
+    def _sync_locked(self, actions, sig=_UNREAD):
         """Follow a change of guard-state.json made by a sibling gateway.
 
         `sig` is the file's signature when the caller already took it (outside the lock).
         """
         if self._file is None:
             return
-        if sig is None:
+        if sig is _UNREAD:                  # (None is a signature too: no file)
             sig = self._file.signature()
         if sig == self._file_sig:
             return

@@ -94,8 +94,7 @@ class Handler(BaseHTTPRequestHandler):
     def handle_one_request(self):
         self.path = ""                  # log_request() runs even when the request line is refused
         self.command, self.request_version = "", "HTTP/1.1"
-        self.held_head = self.held_body = self.head_pending = 0
-        self.reply = Reply(self.wfile, close=True, draining=self._draining)
+        self.held_head = self.held_body = 0
         self.slot.arm(HEAD_DEADLINE_S)
         try:
             self.raw_requestline = self.rfile.readline(65537)
@@ -104,7 +103,6 @@ class Handler(BaseHTTPRequestHandler):
             if not self.raw_requestline or self.raw_requestline in (b"\r\n", b"\n"):
                 self.close_connection = True
                 return
-            self._charge_head(len(self.raw_requestline))
             if len(self.raw_requestline) > 65536:
                 raise headers.HeadError(414, "request line too long")
             self.parse_request()
@@ -141,14 +139,10 @@ class Handler(BaseHTTPRequestHandler):
     def _draining(self):
         return self.server.draining
 
-    def _charge_head(self, n, flush=False):
-        # Charged in steps of HEAD_CHARGE_STEP, so a usual head costs one lock round.
-        self.head_pending += n
-        if self.head_pending >= HEAD_CHARGE_STEP or (flush and self.head_pending):
-            pending, self.head_pending = self.head_pending, 0
-            if not self.server.heads.take(pending):
-                raise headers.HeadError(503, "dario is holding too many request heads; retry shortly")
-            self.held_head += pending
+    def _charge_head(self, n):
+        if not self.server.heads.take(n):
+            raise headers.HeadError(503, "dario is holding too many request heads; retry shortly")
+        self.held_head += n
 
     def _charge_body(self, n):
         if not self.server.bodies.take(n):
@@ -169,8 +163,10 @@ class Handler(BaseHTTPRequestHandler):
         self.headers = headers.Headers()
         self.requestline = self.raw_requestline.rstrip(b"\r\n").decode("latin-1")
         self.command, self.path, self.request_version = headers.parse_request_line(self.raw_requestline)
-        self.headers = headers.read_headers(self.rfile, self._charge_head)
-        self._charge_head(0, flush=True)
+        # The request line and the head are charged together, in steps (one lock round
+        # for a usual head).
+        self.headers = headers.read_headers(self.rfile, self._charge_head, HEAD_CHARGE_STEP,
+                                            len(self.raw_requestline))
         self.hop_tokens = tokens = wire.connection_tokens(self.headers)
         close = "close" in tokens or (self.request_version == "HTTP/1.0" and "keep-alive" not in tokens)
         if self.request_version == "HTTP/1.0" and "Transfer-Encoding" in self.headers:

@@ -77,22 +77,25 @@ class Headers:
         return len(self._items)
 
 
-def read_headers(rfile, charge=None):
+def read_headers(rfile, charge=None, step=8192, pending=0):
     """Read header lines up to the blank line; returns Headers. Raises HeadError.
 
-    `charge(n)` is called with each line's size as it is read; it raises HeadError when
-    the gateway's total of request heads in flight would pass its bound.
+    `charge(n)` is called as the head grows, every `step` bytes and once at the end with
+    the rest (`pending`: bytes already read and not charged, the request line); it raises
+    HeadError when the gateway's total of request heads in flight would pass its bound.
     """
     pairs, folded = [], set()
     while True:
         line = rfile.readline(MAX_LINE + 1)
-        if charge is not None:
-            charge(len(line))
+        pending += len(line)
+        if pending >= step and charge is not None:
+            charge(pending)
+            pending = 0
         if len(line) > MAX_LINE:
             raise HeadError(431, "a request header line is too long")
         if not line.endswith(b"\n"):
             raise HeadError(400, "the connection closed inside the request headers")
-        if line in (b"\r\n", b"\n"):
+        if line == b"\r\n" or line == b"\n":
             break
         if len(pairs) >= MAX_HEADERS:
             raise HeadError(431, f"more than {MAX_HEADERS} request headers")
@@ -106,6 +109,8 @@ def read_headers(rfile, charge=None):
             raise HeadError(400, "malformed request header line")
         value = value[:-2] if value.endswith(b"\r\n") else value[:-1]
         pairs.append((name.decode("ascii"), value.strip(b" \t").decode("latin-1")))
+    if pending and charge is not None:
+        charge(pending)
     if folded:
         if folded & {"content-length", "transfer-encoding"}:
             # Dropping one would change where the body ends: refuse the whole message.

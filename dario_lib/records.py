@@ -100,6 +100,7 @@ class RecordStore:
         self.per_account = {}
         self.last_claims = collections.deque(maxlen=10)
         self.last_rate = {}              # the latest rate-limit readings (_add_rate)
+        self._merged_windows = None      # the windows dict last merged into last_rate
         self.series = {}                 # (model, account, bucket, outcome) -> counters, for /metrics
         self.latency = Histogram()
         self.ttfb = Histogram()
@@ -147,8 +148,12 @@ class RecordStore:
             # An answer that carried unified headers speaks for the whole account: no
             # disabled reason in it means extra usage is no longer disabled for one.
             rate["overageDisabledReason"] = record.get("overageDisabledReason")
+        source = record.get("windows")
+        if not source or source is self._merged_windows:
+            return                      # the very readings merged last time (billing remembers them)
+        self._merged_windows = source
         windows = rate.setdefault("windows", {})
-        for name, fields in (record.get("windows") or {}).items():
+        for name, fields in source.items():
             if not isinstance(fields, dict):
                 continue
             seen = windows.pop(name, None)

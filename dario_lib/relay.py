@@ -20,7 +20,6 @@ record store, settings). It never touches the handler.
 Runs on the request's thread.
 """
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -44,19 +43,22 @@ _SESSION_HEADER = "x-claude-code-session-id"
 _UPSTREAM_READ_ERRORS = (UpstreamReadError, OSError)
 
 
-@dataclasses.dataclass(frozen=True)
 class Request:
-    """What the relay needs to know about a client's request."""
+    """What the relay needs to know about a client's request (read-only by convention)."""
 
-    method: str
-    version: str
-    path: str
-    query: str
-    headers: object         # headers.Headers, as the client sent them
-    hop_tokens: frozenset   # header names the client's Connection header lists
-    started: float          # time.monotonic() when the request head was read
-    started_ms: int         # epoch ms, for the record
-    watch: object           # watchdog.Slot of the client connection (hang-up watch)
+    __slots__ = ("method", "version", "path", "query", "headers", "hop_tokens", "started", "started_ms",
+                 "watch")
+
+    def __init__(self, method, version, path, query, headers, hop_tokens, started, started_ms, watch):
+        self.method = method
+        self.version = version
+        self.path = path
+        self.query = query
+        self.headers = headers          # headers.Headers, as the client sent them
+        self.hop_tokens = hop_tokens    # header names the client's Connection header lists
+        self.started = started          # time.monotonic() when the request head was read
+        self.started_ms = started_ms    # epoch ms, for the record
+        self.watch = watch              # watchdog.Slot of the client connection (hang-up watch)
 
 
 def _text(value, limit=200):
@@ -144,24 +146,28 @@ def upstream_headers(settings, headers, hop_tokens):
     return out, api_key or wire.bearer(authorization)
 
 
+_RECORD = {
+    "timestamp": None, "account": None, "path": None, "model": None, "status": None, "stream": False,
+    "api": "anthropic",
+    "inputTokens": 0, "outputTokens": 0, "cacheReadTokens": 0, "cacheCreateTokens": 0,
+    "ttfbMs": None, "latencyMs": None,
+    "claim": "unknown", "bucket": billing.UNKNOWN,
+    "unifiedStatus": None, "util5h": None, "util7d": None, "overageUtil": None,
+    "overageStatus": None, "overageInUse": None, "overageReset": None, "overageDisabledReason": None,
+    "fallback": None, "windows": {},
+    "requestId": None, "outcome": "ok", "sessionId": None,
+}
+
+
 def new_record(path, started_ms, account=None, session_id=None):
-    return {
-        "timestamp": started_ms,
-        "account": account,
-        "path": path,
-        "model": None,
-        "status": None,
-        "stream": False,
-        "api": "openai" if path == "/v1/chat/completions" else "anthropic",
-        "inputTokens": 0, "outputTokens": 0, "cacheReadTokens": 0, "cacheCreateTokens": 0,
-        "ttfbMs": None, "latencyMs": None,
-        "claim": "unknown", "bucket": billing.UNKNOWN,
-        "unifiedStatus": None, "util5h": None, "util7d": None, "overageUtil": None,
-        "overageStatus": None, "overageInUse": None, "overageReset": None, "overageDisabledReason": None,
-        "fallback": None, "windows": {},
-        "requestId": None, "outcome": "ok",
-        "sessionId": session_id,
-    }
+    """A record's every field (SPEC section 5), at its value before anything is known."""
+    record = _RECORD.copy()
+    record["timestamp"], record["account"], record["path"], record["sessionId"] = \
+        started_ms, account, path, session_id
+    record["windows"] = {}
+    if path == "/v1/chat/completions":
+        record["api"] = "openai"
+    return record
 
 
 def rejected_record(path, status, started_ms, started):
@@ -181,7 +187,7 @@ class Exchange:
         self.body = b""
         self.budgets = server.budgets           # the one this request reserves on, even across a reload
         self.ticket = None                      # its budget reservation (budgets.Ticket), once granted
-        self.worst_usd = 0.0                    # this request's worst-case cost
+        self._worst = None                      # (model, body length, max_tokens), then the cost
         self.sent = False                       # some of it may have reached the upstream
         self.guarded = request.path in guard_mod.BLOCKED_PATHS
         self.headers, credential = upstream_headers(server.settings, request.headers, request.hop_tokens)
@@ -217,7 +223,7 @@ class Exchange:
         finally:
             if self.ticket is not None:         # never finished: release what it held
                 ticket, self.ticket = self.ticket, None
-                ticket.settle(self.record["account"], self.worst_usd if self.sent else 0.0, self.request_info(),
+                ticket.settle(self.record["account"], self.worst_usd() if self.sent else 0.0, self.request_info(),
                               extra=self.sent and self._extra_usage(ticket))
 
     def _run(self):
@@ -230,8 +236,8 @@ class Exchange:
         if self.guarded:
             # The halt check and the budget reservation, right before the send (one round
             # trip to a team's Redis store).
-            self.worst_usd = budgets.worst_case_usd(model, len(self.body), max_tokens)
-            verdict = self.server.guard.admit(record["account"], self.budgets, self.worst_usd)
+            self._worst = (model, len(self.body), max_tokens)
+            verdict = self.server.guard.admit(record["account"], self.budgets, self.worst_usd())
             if verdict.response is not None:
                 self._refuse(verdict.response)
                 return
@@ -258,6 +264,14 @@ class Exchange:
             self.relay(resp, cancel)
         finally:
             watch.unwatch()
+
+    def worst_usd(self):
+        """This request's worst-case cost (computed once, when a budget or an estimate needs it)."""
+        if self._worst is None:
+            return 0.0
+        if isinstance(self._worst, tuple):
+            self._worst = budgets.worst_case_usd(*self._worst)
+        return self._worst
 
     def _target(self):
         return self.req.path + ("?" + self.req.query if self.req.query else "")
@@ -414,7 +428,7 @@ class Exchange:
         record["latencyMs"] = round((time.monotonic() - self.req.started) * 1000, 2)
         if estimated:
             record["usageEstimated"] = True
-            record["costUsd"] = math.ceil(self.worst_usd * 1e6) / 1e6      # rounded up, never down
+            record["costUsd"] = math.ceil(self.worst_usd() * 1e6) / 1e6    # rounded up, never down
         extra = self.ticket is not None and self._extra_usage(self.ticket)
         record = self.server.store.add(record)
         if self.ticket is not None:

@@ -131,16 +131,17 @@ class Reply:
     def _head(self, status, lines, reason=None):
         if self.sent:
             raise RuntimeError("a response was already sent for this request")
-        lines = lines + list(self._extra)
+        if self._extra:
+            lines = lines + list(self._extra)
         if self.body_pending or self._draining():
             self.close = True
         if self.close:
-            lines.append(("Connection", "close"))
+            lines = lines + [("Connection", "close")]
         if reason is None:
             reason = REASONS.get(status, "")
         self.sent = True
         self.status = status
-        text = f"HTTP/1.1 {status} {reason}\r\n" + "".join(f"{n}: {v}\r\n" for n, v in lines) + "\r\n"
+        text = "".join([f"HTTP/1.1 {status} {reason}\r\n", *[f"{n}: {v}\r\n" for n, v in lines], "\r\n"])
         return text.encode("latin-1", "replace")
 
 
