@@ -122,9 +122,10 @@ def _bounded(value, limit=64):
 def unified(headers):
     """{suffix (lowercased): [values, in order]} of a response's unified rate-limit headers,
     read off the headers' own lowercased index (on the hot path: no copy, no lower())."""
+    # Names in the index are lowercased ASCII (a non-ASCII name is kept as it came, so it
+    # can never pass for one of these).
     return {name[_PREFIX_LEN:]: values for name, values in headers.by_name()
-            # ASCII only: str.lower() can fold other letters into ASCII ones.
-            if name.startswith(HEADER_PREFIX) and len(name) > _PREFIX_LEN and name.isascii()}
+            if name.startswith(HEADER_PREFIX) and len(name) > _PREFIX_LEN}
 
 
 def _values(found, suffix):

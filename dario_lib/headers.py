@@ -54,6 +54,10 @@ class Headers:
         values = self._index.get(name.lower())
         return list(values) if values else default
 
+    def values(self, name):
+        """Every value of a header (a lowercase name): the list itself, not to be changed."""
+        return self._index.get(name, ())
+
     def items(self):
         return list(self._items)
 

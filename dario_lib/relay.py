@@ -65,7 +65,8 @@ def _text(value, limit=200):
     """Request text kept in a record: bounded, and no lone surrogates (they break encoders)."""
     if not isinstance(value, str) or not value:
         return None
-    return value[:limit].encode("utf-8", "replace").decode("utf-8")
+    value = value[:limit]
+    return value if value.isascii() else value.encode("utf-8", "replace").decode("utf-8")
 
 
 def request_facts(body):

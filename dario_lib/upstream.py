@@ -158,14 +158,15 @@ def _framing(method, status, headers):
     """(framing, length) of an answer's body: "none", "length", "chunked" or "close"."""
     if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
         return "none", 0
-    codings = [c.strip(_OWS).lower() for v in headers.get_all("transfer-encoding", []) for c in v.split(",")]
+    te = headers.values("transfer-encoding")
+    codings = [c.strip(_OWS).lower() for v in te for c in v.split(",")] if te else ()
     if codings:
         # RFC 9112 6.3: Transfer-Encoding wins; any Content-Length is ignored (and never relayed).
         if codings[-1] != "chunked":
             raise UpstreamError(502, "api_error", "upstream unreachable: upstream sent a body framing "
                                                   "dario cannot read")
         return "chunked", None
-    lengths = {v.strip(_OWS) for value in headers.get_all("content-length", []) for v in value.split(",")}
+    lengths = {v.strip(_OWS) for value in headers.values("content-length") for v in value.split(",")}
     if len(lengths) > 1:
         raise UpstreamError(502, "api_error", "upstream unreachable: upstream sent conflicting lengths")
     if lengths:
