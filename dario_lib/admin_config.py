@@ -12,7 +12,7 @@ GET answers `{"path", "source", "file", "effective", "sources", "pending"}`:
   credentials masked by `config.public_value`;
 - `sources`: where each value in force comes from: flag, env, file or default;
 - `pending`: settings whose new value is saved but takes effect only after a restart
-  (host, port, maxRecords, maxHeadBytesInFlight, maxBodyBytesInFlight).
+  (host, port, maxRecords and the store.* keys).
 
 PUT takes `{"set": {"overageGuard.behavior": "warn", ...}}`. Each value is validated as
 `dario config set` validates it:

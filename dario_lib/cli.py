@@ -65,7 +65,7 @@ Flags for `proxy` (flag > environment > config file > default):
   --store=URL              where halts and budget spend live: file ($DARIO_HOME, the
                            default) or a Redis store a team of gateways shares:
                            redis://[user:password@]host:port/db, rediss://... (TLS),
-                           unix:///path/redis.sock[?db=N]; needs
+                           unix:///path/redis.sock[?db=N];
                            needs the redis package (pip install 'redis>=5.0')      [DARIO_STORE]
   --overage-guard          turn the overage guard on (the default)                 [DARIO_OVERAGE_GUARD=on]
   --no-overage-guard       turn it off: nothing is detected                        [DARIO_OVERAGE_GUARD=off]
