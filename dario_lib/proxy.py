@@ -29,6 +29,7 @@ import ipaddress
 import os
 import re
 import socket
+import ssl
 import time
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
@@ -183,7 +184,7 @@ def dial(proxy, host, port, timeout, attach=None):
     except socket.timeout:
         raise ProxyError(504, "proxy connect timed out") from None
     except OSError as err:
-        raise ProxyError(502, f"proxy unreachable: {_why(err)}") from None
+        raise ProxyError(502, f"proxy unreachable: {failure_reason(err)}") from None
     try:
         if attach is not None:
             attach(sock)
@@ -196,7 +197,7 @@ def dial(proxy, host, port, timeout, attach=None):
         raise ProxyError(504, "the proxy did not answer the CONNECT in time") from None
     except OSError as err:
         sock.close()
-        raise ProxyError(502, f"proxy connection failed: {_why(err)}") from None
+        raise ProxyError(502, f"proxy connection failed: {failure_reason(err)}") from None
     except ProxyError:
         sock.close()
         raise
@@ -261,7 +262,10 @@ def _read_answer(sock, deadline):
     return status
 
 
-def _why(err):
+def failure_reason(err):
+    """A short, secret-free reason for a failed connection (to the proxy or the upstream)."""
+    if isinstance(err, ssl.SSLError):
+        return "TLS handshake failed"
     if isinstance(err, socket.gaierror):
         return "name resolution failed"
     if isinstance(err, ConnectionRefusedError):

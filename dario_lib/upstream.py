@@ -41,7 +41,6 @@ Thread-safe: the pool is behind a lock; a connection belongs to one request at a
 import collections
 import re
 import socket
-import ssl
 import threading
 from urllib.parse import urlsplit
 
@@ -121,19 +120,6 @@ def _shutdown(sock):
         socket.socket.shutdown(sock, socket.SHUT_RDWR)
     except OSError:
         pass
-
-
-def _reason(err):
-    """A short, secret-free reason for a connection failure."""
-    if isinstance(err, ssl.SSLError):
-        return "TLS handshake failed"
-    if isinstance(err, socket.gaierror):
-        return "name resolution failed"
-    if isinstance(err, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(err, ConnectionResetError):
-        return "connection reset"
-    return "connection failed"
 
 
 class _Connection:
@@ -336,7 +322,7 @@ class Upstream:
         except socket.timeout:
             raise UpstreamError(504, "timeout_error", "upstream connect timed out") from None
         except OSError as err:
-            raise UpstreamError(502, "api_error", f"upstream unreachable: {_reason(err)}") from None
+            raise UpstreamError(502, "api_error", f"upstream unreachable: {proxy_mod.failure_reason(err)}") from None
 
     def _connect(self, cancel):
         sock = self._dial(cancel)
@@ -354,7 +340,7 @@ class Upstream:
             sock.close()
             if cancel.fired:
                 raise ClientGone() from None
-            raise UpstreamError(502, "api_error", f"upstream unreachable: {_reason(err)}") from None
+            raise UpstreamError(502, "api_error", f"upstream unreachable: {proxy_mod.failure_reason(err)}") from None
         return _Connection(sock)
 
     # -- one exchange --------------------------------------------------------------
@@ -404,7 +390,7 @@ class Upstream:
                                                       "connection after the request was sent, without "
                                                       "answering (dario never sends a request twice)",
                                     sent) from None
-            raise UpstreamError(502, "api_error", f"upstream unreachable: {_reason(err)}", sent) from None
+            raise UpstreamError(502, "api_error", f"upstream unreachable: {proxy_mod.failure_reason(err)}", sent) from None
 
     @staticmethod
     def _drop(conn, cancel):

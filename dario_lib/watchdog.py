@@ -44,31 +44,29 @@ _RDHUP = getattr(select, "POLLRDHUP", 0)
 _GONE = select.POLLHUP | select.POLLERR | _RDHUP if hasattr(select, "poll") else 0
 
 
+def _polled(socks, mask):
+    """[(sock, events)] ready right now among `socks`, polled for `mask` (no waiting)."""
+    poller = select.poll()
+    by_fd = {}
+    for sock in socks:
+        fd = sock.fileno()
+        if fd >= 0:
+            by_fd[fd] = sock
+            poller.register(fd, mask)
+    return [(by_fd[fd], events) for fd, events in poller.poll(0) if fd in by_fd]
+
+
 def hung_up(socks):
     """The sockets whose peer has closed (or reset) the connection, data waiting or not."""
     if _RDHUP:
-        poller = select.poll()
-        by_fd = {}
-        for sock in socks:
-            fd = sock.fileno()
-            if fd >= 0:
-                by_fd[fd] = sock
-                poller.register(fd, _RDHUP)
-        return {by_fd[fd] for fd, events in poller.poll(0) if fd in by_fd and events & _GONE}
+        return {sock for sock, events in _polled(socks, _RDHUP) if events & _GONE}
     return {sock for sock in readable(socks) if peer_closed(sock)}
 
 
 def readable(socks):
     """The sockets with something to read (or a hang-up) right now."""
     if hasattr(select, "poll"):             # select() cannot take fds above FD_SETSIZE
-        poller = select.poll()
-        by_fd = {}
-        for sock in socks:
-            fd = sock.fileno()
-            if fd >= 0:
-                by_fd[fd] = sock
-                poller.register(fd, select.POLLIN)
-        return {by_fd[fd] for fd, _ in poller.poll(0) if fd in by_fd}
+        return {sock for sock, _ in _polled(socks, select.POLLIN)}
     try:
         ready, _, _ = select.select(socks, [], [], 0)
     except (OSError, ValueError):
