@@ -78,10 +78,20 @@ def _send(port, path, body, headers, hang_up_after):
 
 
 def budget_escape(kids, sim_port, home, requests_total=200, clients=16, seed=7):
+    """The mixed requests through one gateway with a $1 budget (see `mixed_against_budget`)."""
     os.makedirs(home, exist_ok=True)
     with open(os.path.join(home, "config.json"), "w") as f:
         json.dump({"guards": {"budgets": [{"account": "*", "usd": BUDGET_USD, "window": "1d"}]}}, f)
     gateway = kids.dario(sim_port, home)
+    try:
+        return mixed_against_budget([gateway.port], sim_port, requests_total, clients, seed)
+    finally:
+        kids.stop(gateway)
+
+
+def mixed_against_budget(ports, sim_port, requests_total=200, clients=16, seed=7):
+    """`requests_total` mixed requests from `clients` threads, spread over the gateways on
+    `ports` (which share one $1 budget): what the upstream billed, and what escaped."""
     _sim_reset(sim_port)
     rng = random.Random(seed)
     kinds = _kinds()
@@ -89,18 +99,17 @@ def budget_escape(kids, sim_port, home, requests_total=200, clients=16, seed=7):
     for n in range(requests_total):
         name, path, body, headers = kinds[n % len(kinds)]
         hang_up = rng.randint(1, 1500) if name == "hang-up" else None
-        data = json.dumps(body).encode()
-        jobs.append((n, name, path, data, dict(headers, **{"x-req-id": str(n)}), hang_up))
-    statuses, lock = {}, threading.Lock()
-    queue = list(jobs)
+        jobs.append((n, ports[n % len(ports)], path, json.dumps(body).encode(),
+                     dict(headers, **{"x-req-id": str(n)}), hang_up))
+    statuses, lock, queue = {}, threading.Lock(), list(jobs)
 
     def client():
         while True:
             with lock:
                 if not queue:
                     return
-                n, name, path, data, headers, hang_up = queue.pop(0)
-            status = _send(gateway.port, path, data, headers, hang_up)
+                n, port, path, data, headers, hang_up = queue.pop(0)
+            status = _send(port, path, data, headers, hang_up)
             with lock:
                 statuses[n] = status
 
@@ -114,10 +123,9 @@ def budget_escape(kids, sim_port, home, requests_total=200, clients=16, seed=7):
     sizes = {str(n): len(data) for n, _, _, data, _, _ in jobs}
     billed = sum(_upstream_bill(sizes[rid]) for rid in received if rid in sizes)
     reservation = max(budget_math.worst_case_usd(MODEL, len(data), MAX_TOKENS) for _, _, _, data, _, _ in jobs)
-    status = _http_json_port(gateway.port, "/status")
+    status = _http_json_port(ports[0], "/status") or {}
     counted = status["budgets"][0]["spentUsd"] if status.get("budgets") else None
-    kids.stop(gateway)
-    return {"requests": requests_total, "clients": clients, "budget_usd": BUDGET_USD,
+    return {"requests": requests_total, "clients": clients, "gateways": len(ports), "budget_usd": BUDGET_USD,
             "reached_upstream": len(received), "upstream_billed_usd": round(billed, 4),
             "dario_counted_usd": counted, "escaped_usd": round(max(0.0, billed - BUDGET_USD), 4),
             "one_reservation_usd": round(reservation, 4),

@@ -20,7 +20,6 @@ Runs on the benchmark's main thread; client threads are named and joined.
 """
 
 import itertools
-import random
 import json
 import os
 import shutil
@@ -175,47 +174,8 @@ def _halt_run(trigger_gateway, others, sim_port, clients, run_id, lead_s=0.3, af
 # -- budget overspend across three gateways ----------------------------------------------
 
 def team_budget_escape(gateways, sim_port, requests_total=200, clients=16, seed=7):
-    """guards.budget_escape's mixed requests, spread over `gateways` sharing one budget."""
-    scenarios.reset_simulator(sim_port)
-    rng = random.Random(seed)
-    kinds = guards._kinds()
-    jobs = []
-    for n in range(requests_total):
-        name, path, body, headers = kinds[n % len(kinds)]
-        hang_up = rng.randint(1, 1500) if name == "hang-up" else None
-        jobs.append((n, gateways[n % len(gateways)].port, path, json.dumps(body).encode(),
-                     dict(headers, **{"x-req-id": str(n)}), hang_up))
-    statuses, lock, queue = {}, threading.Lock(), list(jobs)
-
-    def client():
-        while True:
-            with lock:
-                if not queue:
-                    return
-                n, port, path, data, headers, hang_up = queue.pop(0)
-            got = guards._send(port, path, data, headers, hang_up)
-            with lock:
-                statuses[n] = got
-
-    threads = [threading.Thread(target=client, name=f"bench-team-budget-{i}") for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    time.sleep(0.5)                     # let hang-ups settle their costs
-    received = {r["id"] for r in _http_json(sim_port, "/_sim/requests?since=0")["requests"] if r["id"] is not None}
-    sizes = {str(n): len(data) for n, _, _, data, _, _ in jobs}
-    billed = sum(guards._upstream_bill(sizes[rid]) for rid in received if rid in sizes)
-    reservation = max(guards.budget_math.worst_case_usd(guards.MODEL, len(data), guards.MAX_TOKENS)
-                      for _, _, _, data, _, _ in jobs)
-    budgets = _http_json(gateways[0].port, "/status").get("budgets") or [{}]
-    return {"requests": requests_total, "clients": clients, "gateways": len(gateways),
-            "budget_usd": guards.BUDGET_USD, "reached_upstream": len(received),
-            "upstream_billed_usd": round(billed, 4), "dario_counted_usd": budgets[0].get("spentUsd"),
-            "escaped_usd": round(max(0.0, billed - guards.BUDGET_USD), 4),
-            "one_reservation_usd": round(reservation, 4),
-            "answered": {str(code): sum(1 for s in statuses.values() if s == code)
-                         for code in sorted({s for s in statuses.values() if s is not None})}}
+    """guards' mixed requests, spread over `gateways` sharing one budget."""
+    return guards.mixed_against_budget([g.port for g in gateways], sim_port, requests_total, clients, seed)
 
 
 def _http_json(port, path, body=None):
