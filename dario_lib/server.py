@@ -34,11 +34,6 @@ import threading
 import time
 from http.server import ThreadingHTTPServer
 
-try:
-    import resource
-except ImportError:                 # not on Windows
-    resource = None
-
 from . import __version__, guardtext, proxy
 from .alerts import Alerts
 from .budgets import Budgets, Ledger
@@ -46,7 +41,8 @@ from .config import _STORE_FIELD_OF
 from .events import EventBus
 from .guard import Guard
 from .handler import Handler
-from .linger import Lingerer, MAX_SOCKETS as LINGER_SOCKETS
+from .limits import MAX_CONNECTIONS, UPSTREAM_POOL, Allowance, connection_cap, fd_limit, raise_fd_limit
+from .linger import Lingerer
 from .notify import Notifier, secrets_of
 from .records import RecordStore
 from .redis_store import MissingDependency, open_store
@@ -59,64 +55,9 @@ from .watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
-MAX_CONNECTIONS = 1024
-UPSTREAM_POOL = 64
-# Descriptors kept free of client connections: the idle upstream pool, lingering closes,
-# and the rest (listener, stdio, state file, ledger, log file, notification pipes).
-FD_HEADROOM = UPSTREAM_POOL + LINGER_SOCKETS + 64
 DRAIN_S = 10
 _OVERLOADED_RESPONSE = prebuilt(503, "overloaded_error", "dario is at its connection limit; retry shortly",
                                 [("Retry-After", "1")])
-
-
-def fd_limit():
-    """The soft limit on open descriptors, or None where it cannot be read."""
-    if resource is None:
-        return None
-    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return None if soft == resource.RLIM_INFINITY else soft
-
-
-def raise_fd_limit():
-    """Raise the soft descriptor limit to the hard one (login shells and systemd often
-    leave it at 1024). Returns the soft limit in force afterwards."""
-    if resource is None:
-        return None
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft != resource.RLIM_INFINITY and soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError) as err:        # macOS caps it below an infinite hard limit
-            log.debug("could not raise the descriptor limit: %s", err)
-    return fd_limit()
-
-
-def connection_cap(limit, wanted=MAX_CONNECTIONS):
-    """How many client connections fit under a descriptor limit: each may hold two
-    descriptors (the client's and one upstream socket), after FD_HEADROOM."""
-    if limit is None:
-        return wanted
-    return max(1, min(wanted, (limit - FD_HEADROOM) // 2))
-
-
-class Allowance:
-    """A gateway-wide bound on bytes held for requests in flight (heads or bodies)."""
-
-    def __init__(self, limit):
-        self.limit = limit
-        self.used = 0
-        self._lock = threading.Lock()
-
-    def take(self, n):
-        with self._lock:
-            if self.used + n > self.limit:
-                return False
-            self.used += n
-            return True
-
-    def give(self, n):
-        with self._lock:
-            self.used -= n
 
 
 class Tracker:
