@@ -210,23 +210,27 @@ def _trigger(port, headers_at):
     return parser.status
 
 
-def halt_run(gateway_port, sim_port, clients=32, lead_s=0.3, after_s=0.3, run_id=0):
+def halt_run(gateway_port, sim_port, clients=32, lead_s=0.3, after_s=0.3, run_id=0, client_ports=None):
     """One run: `clients` hammer dario, one overage response halts it. Returns the counts.
 
-    late: requests sent after the halting response's head arrived that still reached
-    the simulator (must be 0); in_flight: sent before that instant, arrived after.
+    The overage answer goes through `gateway_port`; the clients hammer `client_ports`
+    (spread over them; default: that same gateway), so a team's cross-gateway halt is the
+    same measurement. late: requests sent after the halting response's head arrived that
+    still reached the simulator (must be 0); in_flight: sent before that instant, arrived
+    after.
     """
+    client_ports = client_ports or [gateway_port]
     _http_json("POST", sim_port, "/_sim/reset", {})
     _http_json("POST", gateway_port, "/admin/resume", {})
     ids = itertools.count(1)
     sent, status, lock, stop = {}, {}, threading.Lock(), threading.Event()
     body = message_body()
 
-    def client():
-        with Connection(gateway_port, timeout=10) as conn:
+    def client(port):
+        with Connection(port, timeout=10) as conn:
             while not stop.is_set():
                 rid = f"r{run_id}-{next(ids)}"
-                request = build_request(gateway_port, body=body, headers={"x-req-id": rid})
+                request = build_request(port, body=body, headers={"x-req-id": rid})
                 with lock:
                     sent[rid] = time.monotonic_ns()
                 try:
@@ -238,7 +242,8 @@ def halt_run(gateway_port, sim_port, clients=32, lead_s=0.3, after_s=0.3, run_id
                     sent[rid] = sent_ns      # taken right before sendall: closer to the truth
                     status[rid] = parser.status
 
-    threads = [threading.Thread(target=client, name=f"bench-hammer-{i}") for i in range(clients)]
+    threads = [threading.Thread(target=client, args=(client_ports[i % len(client_ports)],),
+                                name=f"bench-hammer-{i}") for i in range(clients)]
     for thread in threads:
         thread.start()
     try:

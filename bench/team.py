@@ -19,18 +19,15 @@ workdir)` starts redis-server (AOF on, as the README recommends) as one of the `
 Runs on the benchmark's main thread; client threads are named and joined.
 """
 
-import itertools
 import json
 import os
 import shutil
 import subprocess
-import threading
-import time
 
 import guards
 import procs
 import scenarios
-from rawhttp import Connection, build_request, message_body
+from rawhttp import Connection, build_request
 
 _REDIS_READY_S = 10.0
 
@@ -125,50 +122,10 @@ def cross_halt_to_block(trigger_gateway, others, sim_port, runs, clients=32):
             "requests_total": sum(r["requests"] for r in per_run), "per_run": per_run}
 
 
-def _halt_run(trigger_gateway, others, sim_port, clients, run_id, lead_s=0.3, after_s=0.3):
-    scenarios.reset_simulator(sim_port)
-    _http_json(trigger_gateway.port, "/admin/resume", {})          # resumes the whole team
-    ids = itertools.count(1)
-    sent, status, lock, stop = {}, {}, threading.Lock(), threading.Event()
-    body = message_body()
-
-    def client(port):
-        with Connection(port, timeout=10) as conn:
-            while not stop.is_set():
-                rid = f"t{run_id}-{next(ids)}"
-                request = build_request(port, body=body, headers={"x-req-id": rid})
-                with lock:
-                    sent[rid] = time.monotonic_ns()
-                try:
-                    parser, sent_ns, _, _ = conn.exchange(request)
-                except OSError:
-                    conn.close()
-                    continue
-                with lock:
-                    sent[rid] = sent_ns
-                    status[rid] = parser.status
-
-    threads = [threading.Thread(target=client, args=(others[n % len(others)].port,), name=f"bench-team-hammer-{n}")
-               for n in range(clients)]
-    for thread in threads:
-        thread.start()
-    try:
-        time.sleep(lead_s)
-        headers_at = []
-        trigger_status = scenarios._trigger(trigger_gateway.port, headers_at)
-        time.sleep(after_s)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(30)
-    arrived = {r["id"]: r["arrived_ns"] for r in _http_json(sim_port, "/_sim/requests?since=0")["requests"]}
-    halt_ns = headers_at[0]
-    with lock:
-        sent_after = [rid for rid, t in sent.items() if t > halt_ns]
-        return {"trigger_status": trigger_status, "requests": len(sent), "sent_after": len(sent_after),
-                "late": sum(1 for rid in sent_after if rid in arrived),
-                "blocked_after": sum(1 for rid in sent_after if status.get(rid) == 503),
-                "in_flight": sum(1 for rid, t in sent.items() if t <= halt_ns and arrived.get(rid, 0) > halt_ns)}
+def _halt_run(trigger_gateway, others, sim_port, clients, run_id):
+    # A resume through the trigger gateway resumes the whole team.
+    return scenarios.halt_run(trigger_gateway.port, sim_port, clients, run_id=run_id,
+                              client_ports=[g.port for g in others])
 
 
 # -- budget overspend across three gateways ----------------------------------------------

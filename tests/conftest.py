@@ -16,6 +16,16 @@ def sim():
 
 
 @pytest.fixture
+def redis_server():
+    """A redis-server of this test's own on a free loopback port (tests/redis_kit.py);
+    skipped with a reason when redis-server is not installed."""
+    from . import redis_kit
+    server = redis_kit.redis_server()
+    yield server
+    server.close()
+
+
+@pytest.fixture
 def home(tmp_path):
     path = tmp_path / "dario-home"
     path.mkdir()

@@ -16,7 +16,6 @@ from dario_lib import guardtext, metrics
 from dario_lib.client import Client
 from dario_lib.tui_tabs import guard_headroom
 
-from . import redis_kit
 from .helpers import FakeClock, TimerFactory, make_settings, running_gateway, wait_until
 
 MESSAGE = {"model": "claude-opus-4-5", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]}
@@ -294,7 +293,7 @@ def test_in_account_scope_each_account_has_its_own_cap(sim, home):
         caps = gateway.guard.extra_usage_status(gateway.budgets)["caps"]
         assert {c["account"] for c in caps} == {h.account for h in halts} and label.startswith("key:")
         lines = guardtext.extra_usage_lines(gateway.guard.extra_usage_status(gateway.budgets))
-        assert all(f" for key:" in text and level == "bad" for text, level in lines)
+        assert all(" for key:" in text and level == "bad" for text, level in lines)
 
 
 def test_a_reload_that_adds_the_cap_counts_the_ledger_already_written(sim, home):
@@ -315,12 +314,11 @@ def test_a_reload_that_adds_the_cap_counts_the_ledger_already_written(sim, home)
 # -- a team of gateways on one Redis --------------------------------------------------
 
 @pytest.fixture
-def team(sim, tmp_path):
+def team(sim, tmp_path, redis_server):
     pytest.importorskip("redis", reason="the redis package (requirements-dev.txt) is not installed")
-    server = redis_kit.redis_server()
+    server = redis_server
     homes = iter(range(100))
     with contextlib.ExitStack() as stack:
-        stack.callback(server.close)
 
         def start(n, cap, **config):
             gateways = []

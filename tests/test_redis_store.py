@@ -30,13 +30,6 @@ DAY_MS = 86_400_000
 
 
 @pytest.fixture
-def redis_server():
-    server = redis_kit.redis_server()
-    yield server
-    server.close()
-
-
-@pytest.fixture
 def make_store(redis_server):
     """make_store(gateway_id, url=…, marker_path=…, **StoreConfig fields) -> RedisStore."""
     made = []

@@ -32,13 +32,6 @@ RECORDER = "import sys; open(sys.argv[1], 'a').write(sys.stdin.read().strip() + 
 
 
 @pytest.fixture
-def redis_server():
-    server = redis_kit.redis_server()
-    yield server
-    server.close()
-
-
-@pytest.fixture
 def team(sim, tmp_path, redis_server):
     """team(n, **config) -> n gateways on one Redis, each with its own home and an alert
     log (`gateway.alert_log`: every event its notifyCommand ran with, one JSON per line)."""
