@@ -188,7 +188,7 @@ class Exchange:
         self.body = b""
         self.budgets = server.budgets           # the one this request reserves on, even across a reload
         self.ticket = None                      # its budget reservation (budgets.Ticket), once granted
-        self._worst = None                      # (model, body length, max_tokens), then the cost
+        self.worst = 0.0                        # a guarded request's worst-case cost
         self.sent = False                       # some of it may have reached the upstream
         self.guarded = request.path in guard_mod.BLOCKED_PATHS
         self.headers, credential = upstream_headers(server.settings, request.headers, request.hop_tokens)
@@ -224,7 +224,7 @@ class Exchange:
         finally:
             if self.ticket is not None:         # never finished: release what it held
                 ticket, self.ticket = self.ticket, None
-                ticket.settle(self.record["account"], self.worst_usd() if self.sent else 0.0, self.request_info(),
+                ticket.settle(self.record["account"], self.worst if self.sent else 0.0, self.request_info(),
                               extra=self.sent and self._extra_usage(ticket))
 
     def _run(self):
@@ -237,8 +237,8 @@ class Exchange:
         if self.guarded:
             # The halt check and the budget reservation, right before the send (one round
             # trip to a team's Redis store).
-            self._worst = (model, len(self.body), max_tokens)
-            verdict = self.server.guard.admit(record["account"], self.budgets, self.worst_usd())
+            self.worst = budgets.worst_case_usd(model, len(self.body), max_tokens)
+            verdict = self.server.guard.admit(record["account"], self.budgets, self.worst)
             if verdict.response is not None:
                 self._refuse(verdict.response)
                 return
@@ -265,14 +265,6 @@ class Exchange:
             self.relay(resp, cancel)
         finally:
             watch.unwatch()
-
-    def worst_usd(self):
-        """This request's worst-case cost (computed once, when a budget or an estimate needs it)."""
-        if self._worst is None:
-            return 0.0
-        if isinstance(self._worst, tuple):
-            self._worst = budgets.worst_case_usd(*self._worst)
-        return self._worst
 
     def _target(self):
         return self.req.path + ("?" + self.req.query if self.req.query else "")
@@ -429,7 +421,7 @@ class Exchange:
         record["latencyMs"] = round((time.monotonic() - self.req.started) * 1000, 2)
         if estimated:
             record["usageEstimated"] = True
-            record["costUsd"] = math.ceil(self.worst_usd() * 1e6) / 1e6    # rounded up, never down
+            record["costUsd"] = math.ceil(self.worst * 1e6) / 1e6    # rounded up, never down
         extra = self.ticket is not None and self._extra_usage(self.ticket)
         record = self.server.store.add(record)
         if self.ticket is not None:
