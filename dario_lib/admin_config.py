@@ -52,8 +52,8 @@ RESTART = {"host": lambda server: server.settings.host, "port": lambda server: s
            "maxRecords": lambda server: server.settings.max_records,
            # The store a gateway keeps its halts and spend in is chosen once, at start.
            **{name: (lambda server, attr=attr: getattr(server.settings.store, attr))
-              for name, attr in config._STORE_FIELD_OF.items()}}
-_FIELD_MAPS = ((None, config._FIELD_OF), ("guard", config._GUARD_FIELD_OF), ("store", config._STORE_FIELD_OF))
+              for name, attr in config.STORE_FIELDS.items()}}
+_FIELD_MAPS = ((None, config.SETTING_FIELDS), ("guard", config.GUARD_FIELDS), ("store", config.STORE_FIELDS))
 _EDIT_LOCK = threading.Lock()
 
 

@@ -37,7 +37,7 @@ from http.server import ThreadingHTTPServer
 from . import __version__, guardtext, proxy
 from .alerts import Alerts
 from .budgets import Budgets, Ledger
-from .config import _STORE_FIELD_OF
+from .config import STORE_FIELDS
 from .events import EventBus
 from .guard import Guard
 from .handler import Handler
@@ -279,7 +279,7 @@ class GatewayServer(ThreadingHTTPServer):
         old = self.settings
         restart = [name for name, attr in (("host", "host"), ("port", "port"), ("maxRecords", "max_records"))
                    if getattr(old, attr) != getattr(settings, attr)]
-        restart += [name for name, attr in _STORE_FIELD_OF.items()
+        restart += [name for name, attr in STORE_FIELDS.items()
                     if getattr(old.store, attr) != getattr(settings.store, attr)]
         settings = dataclasses.replace(settings, host=old.host, port=old.port, max_records=old.max_records,
                                        store=old.store)
