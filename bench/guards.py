@@ -25,6 +25,7 @@ import threading
 import time
 
 import procs
+import scenarios
 from rawhttp import build_request
 
 sys.path.insert(0, procs.REPO)
@@ -92,7 +93,7 @@ def budget_escape(kids, sim_port, home, requests_total=200, clients=16, seed=7):
 def mixed_against_budget(ports, sim_port, requests_total=200, clients=16, seed=7):
     """`requests_total` mixed requests from `clients` threads, spread over the gateways on
     `ports` (which share one $1 budget): what the upstream billed, and what escaped."""
-    _sim_reset(sim_port)
+    scenarios.reset_simulator(sim_port)
     rng = random.Random(seed)
     kinds = _kinds()
     jobs = []
@@ -119,11 +120,12 @@ def mixed_against_budget(ports, sim_port, requests_total=200, clients=16, seed=7
     for thread in threads:
         thread.join()
     time.sleep(0.5)                     # let hang-ups settle their records
-    received = {r["id"] for r in _sim_requests(sim_port) if r["id"] is not None}
+    recorded = scenarios._http_json("GET", sim_port, "/_sim/requests?since=0")["requests"]
+    received = {r["id"] for r in recorded if r["id"] is not None}
     sizes = {str(n): len(data) for n, _, _, data, _, _ in jobs}
     billed = sum(_upstream_bill(sizes[rid]) for rid in received if rid in sizes)
     reservation = max(budget_math.worst_case_usd(MODEL, len(data), MAX_TOKENS) for _, _, _, data, _, _ in jobs)
-    status = _http_json_port(ports[0], "/status") or {}
+    status = scenarios._http_json("GET", ports[0], "/status")
     counted = status["budgets"][0]["spentUsd"] if status.get("budgets") else None
     return {"requests": requests_total, "clients": clients, "gateways": len(ports), "budget_usd": BUDGET_USD,
             "reached_upstream": len(received), "upstream_billed_usd": round(billed, 4),
@@ -184,8 +186,12 @@ def stalled_memory(kids, sim_port, home, connections=1024):
             if not progressed:
                 time.sleep(0.05)
         peak = max(peak, procs.rss_mb(gateway.pid) or 0)
-        status = _http_json_port(gateway.port, "/health")
-        still_serving = bool(status)
+        for _, sock in socks:
+            sock.close()
+        socks = []
+        # Once the crowd is gone (its connections take up to a second to close), the
+        # gateway must answer again.
+        still_serving = _answers(gateway.port, "/health", within_s=5)
     finally:
         for _, sock in socks:
             sock.close()
@@ -195,39 +201,13 @@ def stalled_memory(kids, sim_port, home, connections=1024):
             "seconds": round(time.monotonic() - began, 1), "health_after": still_serving}
 
 
-def _sim_reset(port):
-    _http(port, "POST", "/_sim/reset", b"{}")
-
-
-def _sim_requests(port):
-    return json.loads(_http(port, "GET", "/_sim/requests"))["requests"]
-
-
-def _http_json_port(port, path):
-    try:
-        return json.loads(_http(port, "GET", path))
-    except (OSError, ValueError):
-        return None
-
-
-def _http(port, method, path, body=b""):
-    request = build_request(port, path, body, {"Connection": "close"}, method=method)
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(request)
-        data = b""
-        while True:
-            piece = sock.recv(65536)
-            if not piece:
-                break
-            data += piece
-    head, _, rest = data.partition(b"\r\n\r\n")
-    if b"transfer-encoding: chunked" in head.lower():
-        out = b""
-        while rest:
-            size, _, rest = rest.partition(b"\r\n")
-            size = int(size, 16)
-            if not size:
-                break
-            out, rest = out + rest[:size], rest[size + 2:]
-        return out
-    return rest
+def _answers(port, path, within_s):
+    """Does `path` answer 200 within `within_s` seconds?"""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            scenarios._http_json("GET", port, path)
+            return True
+        except (OSError, RuntimeError, ValueError):
+            time.sleep(0.1)
+    return False

@@ -268,9 +268,11 @@ def halt_run(gateway_port, sim_port, clients=32, lead_s=0.3, after_s=0.3, run_id
             "blocked_after": len(blocked), "late": len(late), "in_flight": len(in_flight)}
 
 
-def halt_to_block(gateway_port, sim_port, runs, clients=32):
-    """`runs` halt runs, resumed and reset between them. Sums and per-run figures."""
-    per_run = [halt_run(gateway_port, sim_port, clients, run_id=i) for i in range(runs)]
+def halt_to_block(gateway_port, sim_port, runs, clients=32, client_ports=None):
+    """`runs` halt runs, resumed and reset between them. Sums and per-run figures.
+    (`client_ports`: see `halt_run`; a team's cross-gateway halt-to-block.)"""
+    per_run = [halt_run(gateway_port, sim_port, clients, run_id=i, client_ports=client_ports)
+               for i in range(runs)]
     _http_json("POST", gateway_port, "/admin/resume", {})
     _http_json("POST", sim_port, "/_sim/reset", {})
     return {"runs": runs, "clients": clients, "late_total": sum(r["late"] for r in per_run),

@@ -27,7 +27,6 @@ import subprocess
 import guards
 import procs
 import scenarios
-from rawhttp import Connection, build_request
 
 _REDIS_READY_S = 10.0
 
@@ -88,12 +87,15 @@ def team_figures(kids, sim_port, tmp, redis_url=None, latency_requests=2000, lat
         scenarios.reset_simulator(sim_port)
         figures["throughput"][target.name] = scenarios.throughput(
             target, 16, load_seconds, processes=2, sim_pid=sim_pid, warmup_s=load_warmup_s)
-    figures["redis_store"] = _http_json(redis_gateway.port, "/status").get("store")
+    figures["redis_store"] = scenarios._http_json("GET", redis_gateway.port, "/status").get("store")
     kids.stop(file_gateway)
     kids.stop(redis_gateway)
 
     trio = [_gateway(kids, sim_port, tmp, f"halt-{n}", _store(redis_url, "bench-halt")) for n in range(3)]
-    figures["halt"] = cross_halt_to_block(trio[0], trio[1:], sim_port, halt_runs, halt_clients)
+    # The overage answer goes through the first gateway; the clients hammer the other two
+    # (a resume through the first resumes the whole team).
+    figures["halt"] = dict(scenarios.halt_to_block(trio[0].port, sim_port, halt_runs, halt_clients,
+                                                   client_ports=[g.port for g in trio[1:]]), gateways=3)
     for child in trio:
         kids.stop(child)
 
@@ -106,41 +108,8 @@ def team_figures(kids, sim_port, tmp, redis_url=None, latency_requests=2000, lat
     return figures
 
 
-# -- cross-gateway halt-to-block ---------------------------------------------------------
-
-def cross_halt_to_block(trigger_gateway, others, sim_port, runs, clients=32):
-    """`runs` halt runs: clients on `others`, the overage answer through `trigger_gateway`."""
-    per_run = [_halt_run(trigger_gateway, others, sim_port, clients, run_id=n) for n in range(runs)]
-    _http_json(trigger_gateway.port, "/admin/resume", {})
-    scenarios.reset_simulator(sim_port)
-    return {"runs": runs, "clients": clients, "gateways": 1 + len(others),
-            "late_total": sum(r["late"] for r in per_run),
-            "runs_with_late": sum(1 for r in per_run if r["late"]),
-            "sent_after_total": sum(r["sent_after"] for r in per_run),
-            "blocked_after_total": sum(r["blocked_after"] for r in per_run),
-            "in_flight_total": sum(r["in_flight"] for r in per_run),
-            "requests_total": sum(r["requests"] for r in per_run), "per_run": per_run}
-
-
-def _halt_run(trigger_gateway, others, sim_port, clients, run_id):
-    # A resume through the trigger gateway resumes the whole team.
-    return scenarios.halt_run(trigger_gateway.port, sim_port, clients, run_id=run_id,
-                              client_ports=[g.port for g in others])
-
-
 # -- budget overspend across three gateways ----------------------------------------------
 
 def team_budget_escape(gateways, sim_port, requests_total=200, clients=16, seed=7):
     """guards' mixed requests, spread over `gateways` sharing one budget."""
     return guards.mixed_against_budget([g.port for g in gateways], sim_port, requests_total, clients, seed)
-
-
-def _http_json(port, path, body=None):
-    """A control call: GET, or POST with a JSON body; the parsed answer ({} if not JSON)."""
-    method, payload = ("POST", json.dumps(body).encode()) if body is not None else ("GET", b"")
-    with Connection(port, timeout=10) as conn:
-        _, _, _, text = conn.exchange(build_request(port, path, payload, method=method))
-    try:
-        return json.loads(text)
-    except ValueError:
-        return {}

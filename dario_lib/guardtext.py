@@ -22,8 +22,7 @@ Functions (all pure, none raises on a malformed dict from a remote gateway):
   gets while halted (SPEC 6).
 - `refusal_response(budget, spent, reserved) -> (headers, body)`: a budget's short,
   retryable hold-back (`budget` is `Budget.public()`); `cap_refusal_response(cap,
-  spent, reserved)` the same for the extra-usage cap (`cap` is `cap_public()`).
-- `cap_public(cap, account)`: the extra-usage cap (`ExtraUsageCap`) as the texts read it.
+  spent, reserved)` the same for the extra-usage cap.
 - `extra_usage_lines(extra, cap=None) -> [(text, level)]`: the cap's headroom ("extra
   usage $1.20 of $5.00 per 1d"), level "bad" at the cap, "warn" past warnAt, else
   "normal"; from `/status`'s `extraUsage` (or, without its figures, the configured cap).
@@ -300,12 +299,6 @@ def refusal_response(budget, spent, reserved):
 
 def _cap_whom(account):
     return " for all accounts" if account in ("*", None) else f" for account {account}"
-
-
-def cap_public(cap, account="*"):
-    """The extra-usage cap (config.ExtraUsageCap) as these texts read it: its public dict
-    plus the account whose extra usage it counts ("*": all traffic, proxy scope)."""
-    return dict(cap.public(), account=account)
 
 
 def extra_usage_lines(extra, cap=None):

@@ -302,3 +302,15 @@ def json_answer(obj, headers=(), status="200 OK", keep_alive=True):
     if not keep_alive:
         lines.append("Connection: close")
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def guard_events(sub, wait_s=0.2):
+    """The guard events (halt, warn, resume) an /analytics/stream subscription holds now,
+    as (name, data); records are skipped."""
+    out = []
+    while True:
+        item = sub.get(wait_s)
+        if item is None or item[0] == "timeout":
+            return out
+        if item[0] != "record":
+            out.append(item)

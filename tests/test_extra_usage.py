@@ -16,7 +16,7 @@ from dario_lib import guardtext, metrics
 from dario_lib.client import Client
 from dario_lib.tui_tabs import guard_headroom
 
-from .helpers import FakeClock, TimerFactory, make_settings, running_gateway, wait_until
+from .helpers import FakeClock, TimerFactory, guard_events, make_settings, running_gateway, wait_until
 
 MESSAGE = {"model": "claude-opus-4-5", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]}
 # The request's worst case: every body byte a token at opus's dearest input rate (cache
@@ -51,16 +51,6 @@ def cap_of(gateway, account="*"):
     """The extra-usage cap's figures for `account` ("*": all traffic)."""
     extra = gateway.guard.extra_usage_status(gateway.budgets)
     return next((c for c in extra["caps"] if c["account"] == account), None)
-
-
-def guard_events(sub):
-    out = []
-    while True:
-        item = sub.get(0.2)
-        if item is None or item[0] == "timeout":
-            return out
-        if item[0] != "record":
-            out.append(item)
 
 
 def cost_of_one(sim, tmp_path):

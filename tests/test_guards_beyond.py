@@ -8,7 +8,7 @@ import requests
 
 from dario_lib.client import Client
 
-from .helpers import make_settings, running_gateway, wait_until
+from .helpers import guard_events, make_settings, running_gateway, wait_until
 
 MESSAGE = {"model": "claude-opus-4-5", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]}
 
@@ -25,23 +25,13 @@ def configure(home, **config):
     (home / "config.json").write_text(json.dumps(config))
 
 
-def guard_events(gateway, sub):
-    out = []
-    while True:
-        item = sub.get(0.2)
-        if item is None or item[0] == "timeout":
-            return out
-        if item[0] != "record":
-            out.append(item)
-
-
 def test_utilization_warns_then_halts_once_per_crossing(sim, home):
     configure(home, guards={"utilization": {"util5h": {"warn": 0.8, "halt": 0.95}}})
     with running_gateway(make_settings(home, sim.url)) as gateway:
         sub = gateway.bus.subscribe()
         for value in ("0.5", "0.85", "0.86"):
             assert post(gateway, {"x-sim-util5h": value}).status_code == 200
-        events = guard_events(gateway, sub)
+        events = guard_events(sub)
         assert [(n, e["reason"]) for n, e in events] == [("overage_warn", "utilization_threshold")]
         assert events[0][1]["detail"] == {"metric": "util5h", "value": 0.85, "threshold": 0.8}
         assert post(gateway, {"x-sim-util5h": "0.96"}).status_code == 200     # relayed in full
